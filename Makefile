@@ -1,0 +1,35 @@
+# Every target creates .venv on a fresh machine. torch is pinned to the local CPU wheel by
+# default; override with `make test TORCH_SPEC='torch==2.14.1'` (an unpinned torch pulls CUDA).
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench lint format
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m dpl_edit.demo --out demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/dpl bench --split test --limit 20 --out bench/results
+
+lint: $(STAMP)
+	$(BIN)/ruff check dpl_edit tests
+	$(BIN)/ruff format --check dpl_edit tests
+
+format: $(STAMP)
+	$(BIN)/ruff format dpl_edit tests
+	$(BIN)/ruff check --fix dpl_edit tests
