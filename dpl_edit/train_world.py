@@ -1,0 +1,522 @@
+"""Train the bundled model: a small Stable-Diffusion-format pipeline on the synthetic world.
+
+Two phases, both resumable from checkpoints in the run folder:
+
+1. VAE (AutoencoderKL, downsampling 4, 4 latent channels). It is fully convolutional (no mid
+   attention), so it trains on random 32x32 crops, four times cheaper than full scenes.
+2. UNet + a one-layer CLIP text encoder, jointly, on the frozen VAE's latents (16x16), with
+   classifier-free-guidance dropout, EMA weights, min-SNR loss weighting and warm-up.
+
+Cross-attention that localises is the whole point of this model (DPL repairs leaking maps; a
+flat map gives it nothing to repair), so the run measures it from the start: every
+`eval_every` steps the EMA UNet denoises held-out scenes and each shape word's time-averaged
+16x16 map is compared with its object's mask (best-threshold IoU). Design choices aimed at it:
+captions in random object order; a *causal one-layer* text encoder, so a shape token carries
+its colour word and nothing after it; a short text length (24) with few padding tokens; cross-
+attention keys initialised with a larger scale, so attention starts peaked, off the flat spot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from dpl_edit import world
+from dpl_edit.tokenizer import build_clip_tokenizer
+
+TEXT_LEN = 24
+TRAIN_SEED_OFFSET = 1_000_000  # held-out scenes use indices below this, training above
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run; saved next to the checkpoints so a run can be reproduced."""
+
+    seed: int = 0
+    batch_size: int = 32
+    vae_steps: int = 1500
+    vae_lr: float = 1e-3
+    vae_crop: int = 32
+    unet_steps: int = 6000
+    unet_lr: float = 3e-4
+    text_lr: float = 3e-4
+    warmup: int = 200
+    weight_decay: float = 0.01
+    ema_decay: float = 0.999
+    cfg_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    key_init_scale: float = 3.0
+    unet_widths: tuple[int, ...] = (64, 128, 192)
+    text_width: int = 128
+    text_layers: int = 1
+    eval_every: int = 250
+    eval_scenes: int = 24
+    checkpoint_every: int = 250
+    threads: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def build_components(cfg: TrainConfig):
+    """Fresh, seeded VAE, tokenizer, text encoder and UNet of the bundled model's layout."""
+    torch.manual_seed(cfg.seed)
+    tokenizer = build_clip_tokenizer(list(world.VOCABULARY), model_max_length=TEXT_LEN)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
+        latent_channels=4,
+        sample_size=world.SIZE,
+        norm_num_groups=16,
+        mid_block_add_attention=False,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.text_width,
+            intermediate_size=4 * cfg.text_width,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=4,
+            max_position_embeddings=TEXT_LEN,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=world.SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        mid_block_type="UNetMidBlock2D",
+        block_out_channels=cfg.unet_widths,
+        layers_per_block=1,
+        cross_attention_dim=cfg.text_width,
+        attention_head_dim=(4, 8, 8),
+        norm_num_groups=32,
+    )
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith("attn2"):
+                module.to_k.weight.mul_(cfg.key_init_scale)
+    return vae, tokenizer, text_encoder, unet
+
+
+def sd_scheduler() -> DDIMScheduler:
+    """Stable Diffusion 1.x's noise schedule and DDIM settings."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+def scene_batch(seed: int, start: int, count: int) -> tuple[torch.Tensor, list[str], list]:
+    """Scenes `start..start+count` of the world as a [-1, 1] image batch, captions, renders."""
+    renders = [world.scene_at(seed, i).render() for i in range(start, start + count)]
+    images = np.stack([r.image for r in renders]).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(images).permute(0, 3, 1, 2), [r.caption for r in renders], renders
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two [-1, 1] batches, on the 0..1 scale."""
+    mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).mean().item()
+    return 10 * math.log10(1.0 / max(mse, 1e-10))
+
+
+# ---------------------------------------------------------------- checkpoints (no pickle)
+
+
+def _save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+    meta_tmp = path.with_suffix(".json.tmp")
+    meta_tmp.write_text(json.dumps(meta, indent=1))
+    meta_tmp.replace(path.with_suffix(".json"))
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, state in opt.state_dict()["state"].items():
+        for key, value in state.items():
+            out[f"{prefix}.{i}.{key}"] = torch.as_tensor(value)
+    return out
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str):
+    sd = opt.state_dict()
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith(prefix + "."):
+            _, i, key = name.split(".", 2)
+            state.setdefault(int(i), {})[key] = value
+    if state:
+        sd["state"] = state
+        opt.load_state_dict(sd)
+
+
+def _prefixed(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
+
+
+def _load_prefixed(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str):
+    n = len(prefix) + 1
+    module.load_state_dict({k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
+
+
+# ---------------------------------------------------------------- phase 1: VAE
+
+
+def train_vae(cfg: TrainConfig, vae: AutoencoderKL, run: Path) -> float:
+    """Train the VAE on random crops; returns held-out PSNR (dB) on full scenes."""
+    ckpt = run / "vae.safetensors"
+    opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
+    step = 0
+    if ckpt.exists():
+        tensors = load_file(str(ckpt))
+        _load_prefixed(vae, tensors, "vae")
+        _load_optimizer(opt, tensors, "opt")
+        step = json.loads(ckpt.with_suffix(".json").read_text())["step"]
+    held_out, _, _ = scene_batch(cfg.seed, 0, 64)
+    gen = torch.Generator().manual_seed(cfg.seed + step)
+    bar = tqdm(range(step, cfg.vae_steps), desc="vae", initial=step, total=cfg.vae_steps)
+    score = float("nan")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cfg.vae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
+        images, _, _ = scene_batch(
+            cfg.seed, TRAIN_SEED_OFFSET + step * cfg.batch_size, cfg.batch_size
+        )
+        c = cfg.vae_crop
+        ox, oy = (int(v) for v in torch.randint(0, world.SIZE - c + 1, (2,), generator=gen))
+        crops = images[:, :, oy : oy + c, ox : ox + c]
+        posterior = vae.encode(crops).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        loss = (
+            F.mse_loss(recon, crops) + 0.1 * F.l1_loss(recon, crops) + 1e-6 * posterior.kl().mean()
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        done = step + 1
+        if done % cfg.checkpoint_every == 0 or done == cfg.vae_steps:
+            score = vae_psnr(vae, held_out)
+            tqdm.write(f"vae step {done}: held-out PSNR {score:.2f} dB")
+            meta = {"step": done, "psnr": score, "config": asdict(cfg)}
+            _save_state(ckpt, {**_prefixed("vae", vae), **_optimizer_tensors(opt, "opt")}, meta)
+    return vae_psnr(vae, held_out) if math.isnan(score) else score
+
+
+@torch.no_grad()
+def vae_psnr(vae: AutoencoderKL, images: torch.Tensor) -> float:
+    recon = vae.decode(vae.encode(images).latent_dist.mean).sample
+    return psnr(recon, images)
+
+
+@torch.no_grad()
+def latent_scale(vae: AutoencoderKL, cfg: TrainConfig) -> float:
+    """SD's scaling factor: 1 / std of the latents, so the UNet sees unit-variance inputs."""
+    images, _, _ = scene_batch(cfg.seed, 10_000, 256)
+    return float(1.0 / vae.encode(images).latent_dist.mean.std())
+
+
+# ---------------------------------------------------------------- phase 2: UNet + text
+
+
+class CrossAttentionProbe:
+    """Reads the 16x16 cross-attention probabilities of a UNet through forward hooks.
+
+    Only used to *measure* training; the engine has its own attention processors. A forward
+    hook sees each cross-attention module's inputs, from which the probabilities are recomputed
+    with the module's own projections, so training itself stays on the fused fast path.
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, res: int):
+        self.res, self.maps, self.handles = res, [], []
+        for name, module in unet.named_modules():
+            if name.endswith("attn2"):
+                self.handles.append(module.register_forward_hook(self._hook, with_kwargs=True))
+
+    def _hook(self, module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        context = kwargs.get("encoder_hidden_states")
+        if hidden.shape[1] != self.res * self.res or context is None:
+            return
+        q = module.head_to_batch_dim(module.to_q(hidden))
+        k = module.head_to_batch_dim(module.to_k(context))
+        probs = module.get_attention_scores(q, k)  # [batch*heads, pixels, tokens]
+        self.maps.append(probs.view(hidden.shape[0], module.heads, *probs.shape[1:]).mean(1))
+
+    def pop_mean(self) -> torch.Tensor:
+        """Average of everything recorded since the last call: [batch, pixels, tokens]."""
+        mean = torch.stack(self.maps).mean(0)
+        self.maps = []
+        return mean
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def best_iou(attn: np.ndarray, mask: np.ndarray) -> float:
+    """Best IoU over thresholds of a max-normalised, nearest-upsampled map with a mask."""
+    up = np.kron(attn, np.ones((mask.shape[0] // attn.shape[0],) * 2))
+    up = up / max(up.max(), 1e-12)
+    return max(
+        float((m & mask).sum() / max((m | mask).sum(), 1))
+        for m in (up >= t for t in np.linspace(0.05, 0.95, 19))
+    )
+
+
+def word_positions(tokenizer, caption: str, word: str) -> list[int]:
+    """Token positions of `word` in `caption` (after the start token)."""
+    ids = tokenizer(caption).input_ids
+    target = tokenizer(word, add_special_tokens=False).input_ids
+    for i in range(len(ids) - len(target) + 1):
+        if ids[i : i + len(target)] == target:
+            return list(range(i, i + len(target)))
+    raise ValueError(f"{word!r} not in {caption!r}")
+
+
+@torch.no_grad()
+def localisation(unet, text_encoder, tokenizer, vae_scale_latents, renders, captions) -> dict:
+    """Mean best-threshold IoU and leakage of shape-word maps on held-out scenes."""
+    scheduler = sd_scheduler()
+    probe = CrossAttentionProbe(unet, vae_scale_latents.shape[-1])
+    ids = tokenizer(captions, padding="max_length", max_length=TEXT_LEN, return_tensors="pt")
+    context = text_encoder(ids.input_ids).last_hidden_state
+    gen = torch.Generator().manual_seed(0)
+    for t in (100, 300, 500, 700):
+        noise = torch.randn(vae_scale_latents.shape, generator=gen)
+        ts = torch.full((len(captions),), t, dtype=torch.long)
+        unet(scheduler.add_noise(vae_scale_latents, noise, ts), ts, context)
+    maps = probe.pop_mean()
+    probe.remove()
+    res = vae_scale_latents.shape[-1]
+    ious, leaks = [], []
+    for b, render in enumerate(renders):
+        for word, mask in render.masks.items():
+            pos = word_positions(tokenizer, captions[b], word)
+            m = maps[b][:, pos].sum(-1).view(res, res).numpy()
+            ious.append(best_iou(m, mask))
+            up = np.kron(m, np.ones((mask.shape[0] // res,) * 2))
+            leaks.append(float(up[~mask].sum() / max(up.sum(), 1e-12)))
+    return {
+        "iou": float(np.mean(ious)),
+        "leakage": float(np.mean(leaks)),
+        "max_prob": float(maps.max()),
+    }
+
+
+def train_unet(cfg: TrainConfig, vae, text_encoder, unet, tokenizer, scale: float, run: Path):
+    """Joint UNet + text-encoder training on VAE latents; checkpoints and EMA weights in `run`."""
+    ckpt = run / "unet.safetensors"
+    params = [
+        {"params": list(unet.parameters()), "lr": cfg.unet_lr},
+        {"params": list(text_encoder.parameters()), "lr": cfg.text_lr},
+    ]
+    opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
+    ema_unet = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    ema_text = {k: v.detach().clone() for k, v in text_encoder.state_dict().items()}
+    step, history = 0, []
+    if ckpt.exists():
+        tensors = load_file(str(ckpt))
+        _load_prefixed(unet, tensors, "unet")
+        _load_prefixed(text_encoder, tensors, "text")
+        ema_unet = {k[9:]: v for k, v in tensors.items() if k.startswith("ema_unet.")}
+        ema_text = {k[9:]: v for k, v in tensors.items() if k.startswith("ema_text.")}
+        _load_optimizer(opt, tensors, "opt")
+        meta = json.loads(ckpt.with_suffix(".json").read_text())
+        step, history = meta["step"], meta["history"]
+    scheduler = sd_scheduler()
+    alphas = scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+    _, eval_captions, eval_renders = scene_batch(cfg.seed, 500, cfg.eval_scenes)
+    eval_images = torch.from_numpy(
+        np.stack([r.image for r in eval_renders]).astype(np.float32) / 127.5 - 1
+    ).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        eval_latents = vae.encode(eval_images).latent_dist.mean * scale
+    bar = tqdm(range(step, cfg.unet_steps), desc="unet", initial=step, total=cfg.unet_steps)
+    for step in bar:
+        warm = min(1.0, (step + 1) / cfg.warmup)
+        for g, base in zip(opt.param_groups, (cfg.unet_lr, cfg.text_lr), strict=True):
+            g["lr"] = base * warm
+        images, captions, _ = scene_batch(
+            cfg.seed, TRAIN_SEED_OFFSET + step * cfg.batch_size, cfg.batch_size
+        )
+        drop = torch.rand(len(captions), generator=gen) < cfg.cfg_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.mean * scale
+        ids = tokenizer(captions, padding="max_length", max_length=TEXT_LEN, return_tensors="pt")
+        context = text_encoder(ids.input_ids).last_hidden_state
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, 1000, (len(captions),), generator=gen)
+        pred = unet(scheduler.add_noise(latents, noise, t), t, context).sample
+        weight = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]
+        loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            for ema, module in ((ema_unet, unet), (ema_text, text_encoder)):
+                for k, v in module.state_dict().items():
+                    if v.dtype.is_floating_point:
+                        ema[k].mul_(decay).add_(v, alpha=1 - decay)
+                    else:
+                        ema[k].copy_(v)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.unet_steps:
+            metrics = evaluate_ema(
+                unet,
+                text_encoder,
+                ema_unet,
+                ema_text,
+                tokenizer,
+                eval_latents,
+                eval_renders,
+                eval_captions,
+            )
+            history.append({"step": done, "loss": loss.item(), "time": time.time(), **metrics})
+            tqdm.write(f"unet step {done}: {json.dumps(metrics)}")
+        if done % cfg.checkpoint_every == 0 or done == cfg.unet_steps:
+            tensors = {
+                **_prefixed("unet", unet),
+                **_prefixed("text", text_encoder),
+                **{f"ema_unet.{k}": v for k, v in ema_unet.items()},
+                **{f"ema_text.{k}": v for k, v in ema_text.items()},
+                **_optimizer_tensors(opt, "opt"),
+            }
+            meta = {"step": done, "scale": scale, "history": history, "config": asdict(cfg)}
+            _save_state(ckpt, tensors, meta)
+    return ema_unet, ema_text, history
+
+
+def evaluate_ema(unet, text_encoder, ema_unet, ema_text, tokenizer, latents, renders, captions):
+    """Localisation of the EMA weights (swapped in and out of the live modules)."""
+    live_unet = {k: v.clone() for k, v in unet.state_dict().items()}
+    live_text = {k: v.clone() for k, v in text_encoder.state_dict().items()}
+    unet.load_state_dict(ema_unet)
+    text_encoder.load_state_dict(ema_text)
+    try:
+        return localisation(unet, text_encoder, tokenizer, latents, renders, captions)
+    finally:
+        unet.load_state_dict(live_unet)
+        text_encoder.load_state_dict(live_text)
+
+
+# ---------------------------------------------------------------- export
+
+
+def export(run: Path, out: Path, cfg: TrainConfig) -> None:
+    """Write the EMA weights as a diffusers StableDiffusionPipeline folder (fp16 on disk)."""
+    vae, tokenizer, text_encoder, unet = build_components(cfg)
+    _load_prefixed(vae, load_file(str(run / "vae.safetensors")), "vae")
+    tensors = load_file(str(run / "unet.safetensors"))
+    meta = json.loads((run / "unet.json").read_text())
+    unet.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("ema_unet.")})
+    text_encoder.load_state_dict(
+        {k[9:]: v for k, v in tensors.items() if k.startswith("ema_text.")}
+    )
+    vae.register_to_config(scaling_factor=meta["scale"])
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).to(torch.float16)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    defaults = {
+        "cross_attention_res": world.SIZE // 4,
+        "self_attention_res": world.SIZE // 4,
+        "blend_res": world.SIZE // 8,
+        "object_words": list(world.OBJECT_WORDS),
+        "training": {"unet_steps": meta["step"], "history": meta["history"][-1:]},
+    }
+    (tmp / "dpl_defaults.json").write_text(json.dumps(defaults, indent=1))
+    if (out / "README.md").exists():
+        shutil.copy(out / "README.md", tmp / "README.md")
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", type=Path, default=Path("runs/world"), help="checkpoint folder")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "models" / "world")
+    parser.add_argument("--vae-steps", type=int)
+    parser.add_argument("--unet-steps", type=int)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--export-only", action="store_true")
+    args = parser.parse_args(argv)
+    args.run.mkdir(parents=True, exist_ok=True)
+    cfg_path = args.run / "config.json"
+    cfg = (
+        TrainConfig(**json.loads(cfg_path.read_text()))
+        if cfg_path.exists()
+        else TrainConfig(seed=args.seed)
+    )
+    cfg.unet_widths = tuple(cfg.unet_widths)
+    if args.vae_steps is not None:
+        cfg.vae_steps = args.vae_steps
+    if args.unet_steps is not None:
+        cfg.unet_steps = args.unet_steps
+    cfg_path.write_text(json.dumps(asdict(cfg), indent=1))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.export_only:
+        export(args.run, args.out, cfg)
+        return
+    vae, tokenizer, text_encoder, unet = build_components(cfg)
+    print(f"training on {device}; run folder {args.run}")
+    train_vae(cfg, vae, args.run)
+    vae.requires_grad_(False).eval()
+    scale = latent_scale(vae, cfg)
+    train_unet(cfg, vae, text_encoder, unet, tokenizer, scale, args.run)
+    export(args.run, args.out, cfg)
+
+
+if __name__ == "__main__":
+    main()
