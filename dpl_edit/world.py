@@ -25,7 +25,7 @@ _SUPERSAMPLE = 4
 SHAPES = ("circle", "square", "triangle", "star", "diamond")
 COLORS = {
     "red": (220, 30, 30),
-    "green": (30, 170, 40),
+    "green": (40, 200, 60),
     "blue": (30, 60, 220),
     "yellow": (240, 210, 20),
     "purple": (140, 40, 180),
@@ -33,7 +33,7 @@ COLORS = {
 }
 BACKGROUNDS = ("white", "gray", "black", "striped", "grass")
 OBJECT_WORDS = SHAPES
-VOCABULARY = (*SHAPES, *COLORS, *BACKGROUNDS, "a", "and", "on", "background")
+VOCABULARY = (*SHAPES, *COLORS, *BACKGROUNDS, "a", "an", "and", "on", "background")
 
 # Every shape fits in a disc of radius BOUND * half_size around its centre, so swapping the
 # shape of an object never makes it overlap its neighbours.
@@ -62,7 +62,10 @@ class Scene:
 
     @property
     def caption(self) -> str:
-        parts = [f"a {self.objects[i].color} {self.objects[i].shape}" for i in self.order]
+        parts = [
+            f"{_article(self.objects[i].color)} {self.objects[i].color} {self.objects[i].shape}"
+            for i in self.order
+        ]
         return " and ".join(parts) + f" on a {self.background} background"
 
     def render(self) -> RenderedScene:
@@ -154,6 +157,10 @@ def swap_target(scene: Scene, rng: np.random.Generator) -> tuple[str, Scene, str
     return obj.shape, target, target.caption
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def _background_pixels(kind: str, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     if kind == "white":
@@ -172,8 +179,8 @@ def _background_pixels(kind: str, seed: int) -> np.ndarray:
     if kind == "grass":
         noise = rng.normal(0, 1, size=(SIZE // 4, SIZE // 4))
         noise = np.kron(noise, np.ones((4, 4))) * 0.5 + rng.normal(0, 1, size=(SIZE, SIZE)) * 0.5
-        base = np.array([70.0, 120, 50])
-        return base + noise[..., None] * np.array([12.0, 25, 10])
+        base = np.array([95.0, 105, 45])
+        return base + noise[..., None] * np.array([10.0, 14, 8])
     raise ValueError(f"unknown background {kind!r}")
 
 
