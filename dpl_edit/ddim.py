@@ -1,0 +1,60 @@
+"""Deterministic DDIM steps in both directions, straight from the scheduler's alphas_cumprod.
+
+Inversion needs the *inverse* step (clean -> noisy), which diffusers' DDIMScheduler lacks, and the
+null-text loop needs the forward step to be differentiable; both are a few lines of algebra, so we
+write them once here for epsilon and v-prediction models alike.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler
+
+
+class Ddim:
+    """The `steps` DDIM timesteps of a scheduler (981, 961, ..., 1 for 50) and their steps."""
+
+    def __init__(self, scheduler: DDIMScheduler, steps: int) -> None:
+        scheduler.set_timesteps(steps)
+        self.timesteps: list[int] = [int(t) for t in scheduler.timesteps]
+        self.stride = scheduler.config.num_train_timesteps // steps
+        self.alphas_cumprod = scheduler.alphas_cumprod.double()
+        self.final_alpha = float(self.alphas_cumprod[0])  # set_alpha_to_one=False, as in SD
+        self.prediction_type: str = scheduler.config.prediction_type
+
+    def alpha(self, t: int) -> float:
+        """alpha-bar at train timestep t; below zero is the final ("clean") level."""
+        return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha
+
+    def split(
+        self, output: torch.Tensor, latent: torch.Tensor, t: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(epsilon, x0) from a UNet output evaluated at timestep t on `latent`.
+
+        v-prediction is converted with alpha-bar of t, the level the network was told it is at.
+        """
+        a = self.alpha(t)
+        if self.prediction_type == "v_prediction":
+            eps = a**0.5 * output + (1 - a) ** 0.5 * latent
+            x0 = a**0.5 * latent - (1 - a) ** 0.5 * output
+            return eps, x0
+        return output, (latent - (1 - a) ** 0.5 * output) / a**0.5
+
+    @staticmethod
+    def _move(eps: torch.Tensor, x0: torch.Tensor, a_to: float) -> torch.Tensor:
+        return a_to**0.5 * x0 + (1 - a_to) ** 0.5 * eps
+
+    def step(self, output: torch.Tensor, t: int, latent: torch.Tensor) -> torch.Tensor:
+        """Denoise from level t to t - stride (eta = 0)."""
+        eps, x0 = self.split(output, latent, t)
+        return self._move(eps, x0, self.alpha(t - self.stride))
+
+    def inverse_step(self, output: torch.Tensor, t: int, latent: torch.Tensor) -> torch.Tensor:
+        """Noise from level t - stride to t, with the UNet output evaluated at t (as NTI does)."""
+        a_from = self.alpha(t - self.stride)
+        if self.prediction_type == "v_prediction":
+            eps, _ = self.split(output, latent, t)
+        else:
+            eps = output
+        x0 = (latent - (1 - a_from) ** 0.5 * eps) / a_from**0.5
+        return self._move(eps, x0, self.alpha(t))

@@ -1,0 +1,59 @@
+"""Reading user images into model-sized RGB squares, and saving PNGs atomically."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from dpl_edit.atomic import atomic_write_bytes
+from dpl_edit.errors import DplError
+
+
+def load_image(path: str | os.PathLike, size: int, resize: bool = False) -> Image.Image:
+    """Any Pillow-readable image as a size x size RGB picture.
+
+    Non-square images are centre-cropped (as null-text inversion does) so objects keep their
+    shape; `resize=True` stretches instead (as the DPL code does). EXIF rotation is applied.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DplError(f"image '{path}' does not exist")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DplError(f"cannot read image '{path}': {exc}") from None
+    return prepare_image(image, size, resize)
+
+
+def prepare_image(image: Image.Image, size: int, resize: bool = False) -> Image.Image:
+    """Convert to RGB (alpha composited on white) and bring to size x size."""
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    image = image.convert("RGB")
+    if not resize:
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    return image.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB picture -> [1, 3, H, W] float tensor in [-1, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+
+
+def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Save as PNG atomically (written to a temporary sibling, then renamed)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return atomic_write_bytes(path, buffer.getvalue())

@@ -1,0 +1,268 @@
+"""Loading a diffusers Stable Diffusion folder into the pieces the engine needs.
+
+We load the four components directly rather than through `StableDiffusionPipeline`: the engine
+drives its own step loops, needs no safety checker, and must work for any UNet2DConditionModel
+layout (SD 1.x, 2.x, or the small bundled model). Everything is frozen, because inversion and DPL
+optimise embeddings only; gradients into the weights would just waste memory and time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
+from PIL import Image
+from transformers import CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
+
+from dpl_edit.errors import DplError
+
+BUNDLED_MODEL = Path(__file__).parent / "models" / "world"
+DEFAULTS_FILE = "dpl_defaults.json"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
+_NOT_SD = "pass a local diffusers Stable Diffusion folder with --model"
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """Per-model attention resolutions (spatial side lengths) and object words.
+
+    SD 1.x picks cross-attention at 16x16 and self-attention at 32x32 for a 64x64 latent; a small
+    model with 16x16 latents needs other sizes, so a model folder may override them.
+    """
+
+    cross_attention_res: int
+    self_attention_res: int
+    blend_res: int
+    object_words: tuple[str, ...] = ()
+
+    @classmethod
+    def for_latent_size(cls, latent_size: int) -> ModelDefaults:
+        """SD's choice, expressed relative to the latent size."""
+        return cls(latent_size // 4, latent_size // 2, latent_size // 4)
+
+
+@dataclass
+class LoadedModel:
+    """A frozen SD model plus the facts about it the engine needs."""
+
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    unet: UNet2DConditionModel
+    scheduler: DDIMScheduler
+    identity: str
+    resolution: int
+    latent_size: int
+    scaling_factor: float
+    defaults: ModelDefaults
+    device: torch.device
+    dtype: torch.dtype
+    unet_evals: int = field(default=0)
+
+    @property
+    def text_len(self) -> int:
+        """Token length of every encoded prompt (77 for SD, shorter for small models)."""
+        return int(self.tokenizer.model_max_length)
+
+    def predict(self, latents: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
+        """One UNet call (raw output: epsilon or v), counted so stages can report their cost."""
+        self.unet_evals += 1
+        return self.unet(latents, t, encoder_hidden_states=context).sample
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] -> scaled latent (posterior mean, as null-text inversion does)."""
+        pixels = pixels.to(self.device, self.dtype)
+        return self.vae.encode(pixels).latent_dist.mean * self.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Scaled latents -> RGB images."""
+        pixels = self.vae.decode(latents.to(self.dtype) / self.scaling_factor).sample
+        array = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte()
+        return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in array]
+
+
+def resolve_device(device: str) -> torch.device:
+    """Parse a device name, refusing ones torch does not know or this machine lacks."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DplError(f"unknown device '{device}' (use cpu, cuda, cuda:N or mps)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise DplError(f"device '{device}' is not available on this machine")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise DplError(f"device '{device}' is not available on this machine")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise DplError(f"unsupported device '{device}' (use cpu, cuda, cuda:N or mps)")
+    return parsed
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in _DTYPES:
+        raise DplError(f"unknown dtype '{dtype}' (use {', '.join(_DTYPES)})")
+    return _DTYPES[dtype]
+
+
+def _model_folder(path_or_hub_id: str | os.PathLike | None) -> tuple[Path, str]:
+    """Find the model folder: an argument, then $DPL_MODEL, then the bundled model."""
+    if path_or_hub_id is None:
+        path_or_hub_id = os.environ.get("DPL_MODEL") or None
+    if path_or_hub_id is None:
+        if not (BUNDLED_MODEL / "model_index.json").is_file():
+            raise DplError(
+                "the bundled model is not installed; pass --model FOLDER or set DPL_MODEL"
+            )
+        return BUNDLED_MODEL, BUNDLED_MODEL.name
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return path, path.resolve().name
+    if path.exists():
+        raise DplError(f"model '{path_or_hub_id}' is a file, not a folder; {_NOT_SD}")
+    return _cached_hub_folder(str(path_or_hub_id)), str(path_or_hub_id)
+
+
+def _cached_hub_folder(hub_id: str) -> Path:
+    """A hub id works only if it is already in the local cache: there is no network."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(hub_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure means "not available offline"
+        raise DplError(
+            f"model '{hub_id}' is neither a folder nor in the local cache; {_NOT_SD}"
+        ) from None
+
+
+def _identity(folder: Path, name: str) -> str:
+    """Stable id: name plus a hash of the UNet/text-encoder configs and weight-file sizes.
+
+    Hashing sizes rather than contents keeps this instant for multi-GB weights while still
+    telling apart models with different architectures or retrained weight formats.
+    """
+    digest = hashlib.sha256()
+    for component in ("unet", "text_encoder"):
+        for file in sorted((folder / component).iterdir()):
+            if file.name == "config.json":
+                config = json.loads(file.read_text())
+                config = {k: v for k, v in config.items() if not k.startswith("_")}
+                digest.update(json.dumps(config, sort_keys=True).encode())
+            elif file.is_file():
+                digest.update(f"{component}/{file.name}:{file.stat().st_size}".encode())
+    return f"{name}@{digest.hexdigest()[:12]}"
+
+
+def same_model(identity_a: str, identity_b: str) -> bool:
+    """Compare identities by their hash, so a renamed or moved folder still matches."""
+    return identity_a.rsplit("@", 1)[-1] == identity_b.rsplit("@", 1)[-1]
+
+
+def _read_defaults(folder: Path, latent_size: int) -> ModelDefaults:
+    base = ModelDefaults.for_latent_size(latent_size)
+    file = folder / DEFAULTS_FILE
+    if not file.is_file():
+        return base
+    try:
+        data = json.loads(file.read_text())
+        return ModelDefaults(
+            cross_attention_res=int(data.get("cross_attention_res", base.cross_attention_res)),
+            self_attention_res=int(data.get("self_attention_res", base.self_attention_res)),
+            blend_res=int(data.get("blend_res", base.blend_res)),
+            object_words=tuple(str(w) for w in data.get("object_words", [])),
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise DplError(f"{file} is not valid: {exc}") from None
+
+
+def _scheduler(folder: Path) -> DDIMScheduler:
+    """DDIM with SD's training schedule; only the prediction type comes from the model."""
+    prediction_type = "epsilon"
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    if config_file.is_file():
+        prediction_type = json.loads(config_file.read_text()).get("prediction_type", "epsilon")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise DplError(f"unsupported prediction type '{prediction_type}' in {config_file}")
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Silence the libraries' per-file progress bars and advice while loading."""
+    levels = (diffusers_logging.get_verbosity(), transformers_logging.get_verbosity())
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])
+        transformers_logging.enable_progress_bar()
+
+
+def load_model(
+    path_or_hub_id: str | os.PathLike | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> LoadedModel:
+    """Load a diffusers SD folder (or cached hub id); None means $DPL_MODEL or the bundled model."""
+    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    folder, name = _model_folder(path_or_hub_id)
+    missing = [c for c in _COMPONENTS if not (folder / c).is_dir()]
+    if missing or not (folder / "model_index.json").is_file():
+        what = f"lacks {', '.join(missing)}" if missing else "has no model_index.json"
+        raise DplError(f"'{folder}' is not a diffusers Stable Diffusion model ({what}); {_NOT_SD}")
+    try:
+        with _quiet_loading():
+            unet = UNet2DConditionModel.from_pretrained(
+                folder, subfolder="unet", torch_dtype=torch_dtype, local_files_only=True
+            )
+            vae = AutoencoderKL.from_pretrained(
+                folder, subfolder="vae", torch_dtype=torch_dtype, local_files_only=True
+            )
+            text_encoder = CLIPTextModel.from_pretrained(
+                folder, subfolder="text_encoder", local_files_only=True
+            )
+            tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DplError(f"cannot load '{folder}' ({first_line}); {_NOT_SD}") from None
+    text_encoder.to(dtype=torch_dtype)
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False).eval().to(torch_device)
+    sample_size = unet.config.sample_size
+    latent_size = int(sample_size if isinstance(sample_size, int) else sample_size[0])
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return LoadedModel(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler(folder),
+        identity=_identity(folder, name),
+        resolution=latent_size * vae_factor,
+        latent_size=latent_size,
+        scaling_factor=float(vae.config.scaling_factor),
+        defaults=_read_defaults(folder, latent_size),
+        device=torch_device,
+        dtype=torch_dtype,
+    )
