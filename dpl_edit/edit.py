@@ -1,0 +1,225 @@
+"""Prompt-to-Prompt editing of an inverted real image, without inverting again.
+
+The source and target branches run side by side in one UNet call per step, batch
+[null_src, null_tgt, cond_src, cond_tgt], both starting from the inverted noise and both using the
+inversion's per-step null texts (and, after DPL, its per-step word vectors). The source branch is
+therefore exactly the reconstruction, and the attention controllers carry its layout over to the
+target branch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from dpl_edit.align import refinement_mapper, replacement_mapper
+from dpl_edit.attention import AttentionController, CrossAttentionStore, controlled_attention
+from dpl_edit.ddim import Ddim
+from dpl_edit.errors import DplError
+from dpl_edit.images import save_png
+from dpl_edit.inversion import Inversion, step_embeddings
+from dpl_edit.model import LoadedModel, same_model
+from dpl_edit.p2p import (
+    AttentionEdit,
+    AttentionRefine,
+    AttentionReplace,
+    AttentionReweight,
+    LocalBlend,
+)
+from dpl_edit.text import find_word, prompt_tokens, word_token_positions
+
+MODES = ("replace", "refine")
+Window = float | tuple[float, float]
+
+
+@dataclass
+class EditResult:
+    """The edited image, the source branch (the reconstruction) and what the edit saw."""
+
+    image: Image.Image
+    source: Image.Image
+    source_prompt: str
+    target_prompt: str
+    attention: torch.Tensor
+    """[2, res, res, text_len]: time-averaged cross-attention of the source and target branch."""
+    blend_mask: torch.Tensor | None
+    """[1, 1, h, w] latent-resolution mask of the local blend at the last step, if blending."""
+    latents: torch.Tensor
+    """[2, C, h, w]: final latents of the source and target branch."""
+    timings: dict[str, float] = field(default_factory=dict)
+    unet_evals: dict[str, int] = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the edited image as PNG (atomically)."""
+        return save_png(self.image, path)
+
+
+def _window_steps(window: Window, steps: int) -> tuple[int, int]:
+    """P2P's step window: a fraction f means steps [0, f*steps), a pair (a, b) [a*steps, b*steps)."""
+    start, end = (0.0, window) if isinstance(window, int | float) else window
+    if not 0.0 <= start <= end <= 1.0:
+        raise DplError(f"step fractions must satisfy 0 <= start <= end <= 1, got {window}")
+    return int(start * steps), int(end * steps)
+
+
+def cross_replace_alpha(
+    cross_replace_steps: Window | Mapping[str, Window],
+    target: str,
+    tokenizer,
+    steps: int,
+    text_len: int,
+) -> torch.Tensor:
+    """[steps, text_len]: 1 where target token j takes injected attention at a step.
+
+    A mapping gives per-word windows (words of the target prompt) and "default_" for the rest.
+    """
+    windows = (
+        dict(cross_replace_steps)
+        if isinstance(cross_replace_steps, Mapping)
+        else {"default_": cross_replace_steps}
+    )
+    alpha = torch.zeros(steps, text_len)
+    start, end = _window_steps(windows.pop("default_", 1.0), steps)
+    alpha[start:end] = 1.0
+    for word, window in windows.items():
+        positions = word_token_positions(tokenizer, target, word)
+        start, end = _window_steps(window, steps)
+        alpha[:, positions] = 0.0
+        alpha[start:end, positions] = 1.0
+    return alpha
+
+
+def _build_controller(
+    model: LoadedModel,
+    source: str,
+    target: str,
+    mode: str,
+    reweight: Mapping[str, float],
+    windows: dict,
+) -> AttentionEdit:
+    tokenizer, text_len = model.tokenizer, model.text_len
+    if mode == "replace":
+        mapper = replacement_mapper(source, target, tokenizer, text_len)
+        controller: AttentionEdit = AttentionReplace(mapper, **windows)
+    elif mode == "refine":
+        mapper, alphas = refinement_mapper(source, target, tokenizer, text_len)
+        controller = AttentionRefine(mapper, alphas, **windows)
+    else:
+        raise DplError(f"unknown edit mode '{mode}' (use {', '.join(MODES)})")
+    if reweight:
+        scales = torch.ones(text_len)
+        for word, scale in reweight.items():
+            scales[word_token_positions(tokenizer, target, word)] = float(scale)
+        controller = AttentionReweight(scales, base=controller, **windows)
+    return controller
+
+
+def _blend(
+    model: LoadedModel,
+    store: CrossAttentionStore,
+    source: str,
+    target: str,
+    words: Sequence[str],
+    steps: int,
+    start: float,
+    threshold: float,
+) -> LocalBlend:
+    source_positions, target_positions = [], []
+    for word in words:
+        in_source = find_word(model.tokenizer, source, word)
+        in_target = find_word(model.tokenizer, target, word)
+        if not in_source and not in_target:
+            raise DplError(f"blend word '{word}' is in neither '{source}' nor '{target}'")
+        source_positions += in_source
+        target_positions += in_target
+    return LocalBlend(
+        store,
+        model.defaults.blend_res,
+        source_positions,
+        target_positions,
+        start_step=int(start * steps),
+        threshold=threshold,
+    )
+
+
+@torch.no_grad()
+def edit(
+    model: LoadedModel,
+    inversion: Inversion,
+    target: str,
+    mode: str = "replace",
+    reweight: Mapping[str, float] | None = None,
+    blend: Sequence[str] | None = None,
+    cross_replace_steps: Window | Mapping[str, Window] = 0.8,
+    self_replace_steps: Window = 0.5,
+    self_replace_max_res: int | None = None,
+    blend_threshold: float = 0.3,
+    blend_start: float = 0.2,
+    progress: bool = True,
+) -> EditResult:
+    """Edit the inverted image towards `target` with Prompt-to-Prompt.
+
+    `reweight` scales target words' attention; `blend` words restrict the change to where they
+    attend. Self-attention is injected in layers of side <= `self_replace_max_res` (default half
+    the latent size, as in the null-text paper's notebook: 32 for SD's 64x64 latents).
+    """
+    if not same_model(inversion.model_identity, model.identity):
+        raise DplError(
+            f"the inversion was made with model {inversion.model_identity}, not with "
+            f"{model.identity}; pass the same --model or invert again"
+        )
+    source, steps = inversion.prompt, inversion.steps
+    prompt_tokens(model.tokenizer, target)
+    start_time, evals_before = time.perf_counter(), model.unet_evals
+    windows = {
+        "cross_alpha": cross_replace_alpha(
+            cross_replace_steps, target, model.tokenizer, steps, model.text_len
+        ),
+        "self_steps": _window_steps(self_replace_steps, steps),
+        "self_max_res": self_replace_max_res or model.latent_size // 2,
+    }
+    controller = _build_controller(model, source, target, mode, reweight or {}, windows)
+    resolutions = [model.defaults.cross_attention_res, model.defaults.blend_res]
+    store = CrossAttentionStore(resolutions, rows=[2, 3])
+    local_blend = None
+    if blend:
+        local_blend = _blend(
+            model, store, source, target, blend, steps, blend_start, blend_threshold
+        )
+    # The store comes first so it records each branch's own maps, before the edit rewrites them.
+    controllers: list[AttentionController] = [store, controller]
+
+    ddim = Ddim(model.scheduler, steps)
+    latents = inversion.latents[-1:].to(model.device, model.dtype).expand(2, -1, -1, -1)
+    cache: dict[str, torch.Tensor] = {}
+    with controlled_attention(model.unet, controllers) as chain:
+        for i, t in enumerate(tqdm(ddim.timesteps, desc="editing", disable=not progress)):
+            cond = step_embeddings(model, [source, target], inversion.dynamic_tokens, i, cache)
+            null = inversion.null_embeddings[i : i + 1].to(model.device, model.dtype)
+            chain.begin_step(i)
+            output = model.predict(torch.cat([latents, latents]), t, torch.cat([null, null, cond]))
+            chain.end_step()
+            uncond_output, cond_output = output.chunk(2)
+            guided = uncond_output + inversion.guidance * (cond_output - uncond_output)
+            latents = ddim.step(guided, t, latents)
+            if local_blend is not None:
+                latents = local_blend(latents, i)
+    source_image, edited_image = model.decode_latents(latents)
+    return EditResult(
+        image=edited_image,
+        source=source_image,
+        source_prompt=source,
+        target_prompt=target,
+        attention=store.average(model.defaults.cross_attention_res).cpu(),
+        blend_mask=None if local_blend is None else local_blend.mask(model.latent_size).cpu(),
+        latents=latents.float().cpu(),
+        timings={"edit": time.perf_counter() - start_time},
+        unet_evals={"edit": model.unet_evals - evals_before},
+    )

@@ -1,0 +1,117 @@
+"""End-to-end Prompt-to-Prompt edits of an inverted image on the tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dpl_edit.edit import cross_replace_alpha, edit
+from dpl_edit.errors import DplError
+from dpl_edit.inversion import DynamicTokens, invert, reconstruct
+
+PROMPT = "a cat and a dog"
+
+
+@pytest.fixture(scope="module")
+def inversion(tiny_model):
+    from conftest import tiny_image
+
+    return invert(tiny_model, tiny_image(), PROMPT, method="nti", steps=6, progress=False)
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float64)
+
+
+def test_source_branch_is_the_reconstruction(tiny_model, inversion):
+    result = edit(tiny_model, inversion, "a cat and a lion", blend=["dog", "lion"], progress=False)
+    _, reconstruction = reconstruct(tiny_model, inversion)
+    assert np.abs(_pixels(result.source) - _pixels(reconstruction)).max() <= 1
+    assert result.unet_evals == {"edit": inversion.steps}
+    assert result.attention.shape == (2, 8, 8, tiny_model.text_len)
+
+
+def test_word_swap_changes_the_image_and_identity_edit_does_not(tiny_model, inversion):
+    swapped = edit(tiny_model, inversion, "a cat and a lion", progress=False)
+    same = edit(tiny_model, inversion, PROMPT, progress=False)
+    assert np.abs(_pixels(same.image) - _pixels(same.source)).max() <= 1
+    assert np.abs(_pixels(swapped.image) - _pixels(swapped.source)).mean() > 0.5
+
+
+def test_local_blend_keeps_the_source_outside_the_mask(tiny_model, inversion):
+    # The random model's maps are nearly flat, so a high threshold is needed for a partial mask.
+    result = edit(
+        tiny_model,
+        inversion,
+        "a cat and a lion",
+        blend=["dog", "lion"],
+        blend_threshold=0.97,
+        progress=False,
+    )
+    mask = result.blend_mask[0, 0].bool()
+    assert 0 < mask.sum() < mask.numel()
+    source, target = result.latents
+    torch.testing.assert_close(target[:, ~mask], source[:, ~mask])
+    assert (target[:, mask] - source[:, mask]).abs().mean() > 1e-3
+
+
+def test_refine_and_reweight_run_and_differ(tiny_model, inversion):
+    refined = edit(tiny_model, inversion, "a cat and a big dog", mode="refine", progress=False)
+    boosted = edit(tiny_model, inversion, PROMPT, reweight={"dog": 4.0}, progress=False)
+    assert np.abs(_pixels(boosted.image) - _pixels(boosted.source)).mean() > 0.5
+    assert np.abs(_pixels(refined.image) - _pixels(refined.source)).mean() > 0.5
+
+
+def test_cross_replace_windows_per_word(tiny_model):
+    alpha = cross_replace_alpha(
+        {"default_": 0.5, "lion": (0.2, 1.0)}, "a cat and a lion", tiny_model.tokenizer, 10, 16
+    )
+    assert alpha[:, 1].tolist() == [1] * 5 + [0] * 5
+    assert alpha[:, 5].tolist() == [0] * 2 + [1] * 8
+
+
+def test_dynamic_tokens_are_used_in_both_branches(tiny_model, inversion):
+    table = tiny_model.text_encoder.get_input_embeddings().weight
+    dog = table[tiny_model.tokenizer.convert_tokens_to_ids("dog</w>")]
+    # The learned vector equal to the word's own embedding changes nothing ...
+    inversion.dynamic_tokens = DynamicTokens(["dog"], [[5]], dog.expand(inversion.steps, 1, -1))
+    try:
+        same = edit(tiny_model, inversion, "a big dog and a lion", mode="refine", progress=False)
+        inversion.dynamic_tokens = DynamicTokens(
+            ["dog"], [[5]], 3 * torch.randn(inversion.steps, 1, dog.shape[0])
+        )
+        moved = edit(tiny_model, inversion, "a big dog and a lion", mode="refine", progress=False)
+    finally:
+        inversion.dynamic_tokens = None
+    plain = edit(tiny_model, inversion, "a big dog and a lion", mode="refine", progress=False)
+    assert np.abs(_pixels(same.image) - _pixels(plain.image)).max() <= 1
+    # ... a different one changes the source branch and the target (which also has "dog").
+    assert np.abs(_pixels(moved.source) - _pixels(plain.source)).mean() > 0.5
+    assert np.abs(_pixels(moved.image) - _pixels(plain.image)).mean() > 0.5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"target": "a cat and a big lion"}, "--mode refine"),
+        ({"target": PROMPT, "reweight": {"lion": 2.0}}, "'lion' is not in the prompt"),
+        ({"target": PROMPT, "blend": ["tiger"]}, "in neither"),
+        ({"target": PROMPT, "cross_replace_steps": {"tiger": 0.5}}, "'tiger' is not"),
+        ({"target": PROMPT, "cross_replace_steps": 1.5}, "step fractions"),
+        ({"target": PROMPT, "mode": "swap"}, "unknown edit mode"),
+        ({"target": " ".join(["cat"] * 20)}, "at most"),
+    ],
+)
+def test_bad_edits_are_user_errors(tiny_model, inversion, kwargs, message):
+    with pytest.raises(DplError, match=message):
+        edit(tiny_model, inversion, progress=False, **kwargs)
+
+
+def test_edit_refuses_an_inversion_of_another_model(tiny_model, inversion):
+    inversion.model_identity = "other@0123456789ab"
+    try:
+        with pytest.raises(DplError, match="was made with model"):
+            edit(tiny_model, inversion, PROMPT, progress=False)
+    finally:
+        inversion.model_identity = tiny_model.identity
