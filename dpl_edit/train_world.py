@@ -6,6 +6,9 @@ Two phases, both resumable from checkpoints in the run folder:
    attention), so it trains on random 32x32 crops, four times cheaper than full scenes.
 2. UNet + a one-layer CLIP text encoder, jointly, on the frozen VAE's latents (16x16), with
    classifier-free-guidance dropout, EMA weights, min-SNR loss weighting and warm-up.
+3. Decoder fine-tuning on full scenes with the encoder frozen (`--decoder-steps`). The latents
+   do not move, so the UNet stays valid: reconstruction quality can keep improving afterwards,
+   in a later session, without retraining anything else.
 
 Cross-attention that localises is the whole point of this model (DPL repairs leaking maps; a
 flat map gives it nothing to repair), so the run measures it from the start: every
@@ -51,6 +54,8 @@ class TrainConfig:
     vae_lr: float = 1e-3
     vae_crop: int = 32
     unet_steps: int = 6000
+    decoder_steps: int = 0
+    decoder_lr: float = 2e-4
     unet_lr: float = 3e-4
     text_lr: float = 3e-4
     warmup: int = 200
@@ -241,6 +246,44 @@ def latent_scale(vae: AutoencoderKL, cfg: TrainConfig) -> float:
     """SD's scaling factor: 1 / std of the latents, so the UNet sees unit-variance inputs."""
     images, _, _ = scene_batch(cfg.seed, 10_000, 256)
     return float(1.0 / vae.encode(images).latent_dist.mean.std())
+
+
+def train_decoder(cfg: TrainConfig, vae: AutoencoderKL, run: Path) -> float:
+    """Fine-tune the VAE decoder on full scenes, encoder frozen; returns held-out PSNR (dB)."""
+    ckpt = run / "decoder.safetensors"
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=cfg.decoder_lr)
+    step = 0
+    if ckpt.exists():
+        tensors = load_file(str(ckpt))
+        _load_prefixed(vae, tensors, "vae")
+        _load_optimizer(opt, tensors, "opt")
+        step = json.loads(ckpt.with_suffix(".json").read_text())["step"]
+    held_out, _, _ = scene_batch(cfg.seed, 0, 64)
+    score = float("nan")
+    bar = tqdm(
+        range(step, cfg.decoder_steps), desc="decoder", initial=step, total=cfg.decoder_steps
+    )
+    for step in bar:
+        start = TRAIN_SEED_OFFSET + 7 * 10**6 + step * cfg.batch_size
+        images, _, _ = scene_batch(cfg.seed, start, cfg.batch_size)
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.mean
+        recon = vae.decode(latents).sample
+        loss = F.mse_loss(recon, images) + 0.1 * F.l1_loss(recon, images)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        done = step + 1
+        if done % cfg.checkpoint_every == 0 or done == cfg.decoder_steps:
+            score = vae_psnr(vae, held_out)
+            tqdm.write(f"decoder step {done}: held-out PSNR {score:.2f} dB")
+            meta = {"step": done, "psnr": score, "config": asdict(cfg)}
+            _save_state(ckpt, {**_prefixed("vae", vae), **_optimizer_tensors(opt, "opt")}, meta)
+    return score
 
 
 # ---------------------------------------------------------------- phase 2: UNet + text
@@ -439,7 +482,10 @@ def evaluate_ema(unet, text_encoder, ema_unet, ema_text, tokenizer, latents, ren
 def export(run: Path, out: Path, cfg: TrainConfig) -> None:
     """Write the EMA weights as a diffusers StableDiffusionPipeline folder (fp16 on disk)."""
     vae, tokenizer, text_encoder, unet = build_components(cfg)
-    _load_prefixed(vae, load_file(str(run / "vae.safetensors")), "vae")
+    vae_ckpt = run / "decoder.safetensors"
+    if not vae_ckpt.exists():
+        vae_ckpt = run / "vae.safetensors"
+    _load_prefixed(vae, load_file(str(vae_ckpt)), "vae")
     tensors = load_file(str(run / "unet.safetensors"))
     meta = json.loads((run / "unet.json").read_text())
     unet.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("ema_unet.")})
@@ -486,6 +532,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "models" / "world")
     parser.add_argument("--vae-steps", type=int)
     parser.add_argument("--unet-steps", type=int)
+    parser.add_argument("--decoder-steps", type=int)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--export-only", action="store_true")
@@ -502,6 +549,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg.vae_steps = args.vae_steps
     if args.unet_steps is not None:
         cfg.unet_steps = args.unet_steps
+    if args.decoder_steps is not None:
+        cfg.decoder_steps = args.decoder_steps
     cfg_path.write_text(json.dumps(asdict(cfg), indent=1))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -515,6 +564,8 @@ def main(argv: list[str] | None = None) -> None:
     vae.requires_grad_(False).eval()
     scale = latent_scale(vae, cfg)
     train_unet(cfg, vae, text_encoder, unet, tokenizer, scale, args.run)
+    if cfg.decoder_steps:
+        train_decoder(cfg, vae, args.run)
     export(args.run, args.out, cfg)
 
 
