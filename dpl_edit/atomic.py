@@ -33,6 +33,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def check_folder_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse early (before hours of work) a target that `atomic_folder` would refuse."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DplError(f"'{path}' exists and is not a folder")
+    if path.exists() and not overwrite:
+        raise DplError(f"'{path}' already exists; pick another folder or replace it (--overwrite)")
+    return path
+
+
 @contextmanager
 def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder that replaces `path` when the block succeeds.
@@ -40,11 +50,7 @@ def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     An existing folder is refused unless `overwrite`; then it is swapped out by two renames
     and deleted only after the new folder is in place, so `path` is never half-written.
     """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise DplError(f"'{path}' exists and is not a folder")
-    if path.exists() and not overwrite:
-        raise DplError(f"'{path}' already exists; choose another folder or allow overwriting")
+    path = check_folder_target(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

@@ -162,6 +162,7 @@ def edit(
     self_replace_max_res: int | None = None,
     blend_threshold: float = 0.3,
     blend_start: float = 0.2,
+    guidance: float | None = None,
     progress: bool = True,
 ) -> EditResult:
     """Edit the inverted image towards `target` with Prompt-to-Prompt.
@@ -169,6 +170,7 @@ def edit(
     `reweight` scales target words' attention; `blend` words restrict the change to where they
     attend. Self-attention is injected in layers of side <= `self_replace_max_res` (default half
     the latent size, as in the null-text paper's notebook: 32 for SD's 64x64 latents).
+    `guidance` defaults to the inversion's, the scale its null texts were fitted for.
     """
     if not same_model(inversion.model_identity, model.identity):
         raise DplError(
@@ -176,6 +178,7 @@ def edit(
             f"{model.identity}; pass the same --model or invert again"
         )
     source, steps = inversion.prompt, inversion.steps
+    guidance = inversion.guidance if guidance is None else guidance
     prompt_tokens(model.tokenizer, target)
     start_time, evals_before = time.perf_counter(), model.unet_evals
     windows = {
@@ -207,7 +210,7 @@ def edit(
             output = model.predict(torch.cat([latents, latents]), t, torch.cat([null, null, cond]))
             chain.end_step()
             uncond_output, cond_output = output.chunk(2)
-            guided = uncond_output + inversion.guidance * (cond_output - uncond_output)
+            guided = uncond_output + guidance * (cond_output - uncond_output)
             latents = ddim.step(guided, t, latents)
             if local_blend is not None:
                 latents = local_blend(latents, i)

@@ -14,26 +14,30 @@ from dpl_edit.atomic import atomic_write_bytes
 from dpl_edit.errors import DplError
 
 
-def load_image(path: str | os.PathLike, size: int, resize: bool = False) -> Image.Image:
-    """Any Pillow-readable image as a size x size RGB picture.
-
-    Non-square images are centre-cropped (as null-text inversion does) so objects keep their
-    shape; `resize=True` stretches instead (as the DPL code does). EXIF rotation is applied.
-    """
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """Open any Pillow-readable image (EXIF rotation applied); missing or corrupt is a user error."""
     path = Path(path)
     if not path.is_file():
         raise DplError(f"image '{path}' does not exist")
     try:
         with Image.open(path) as opened:
             opened.load()
-            image = ImageOps.exif_transpose(opened)
+            return ImageOps.exif_transpose(opened)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DplError(f"cannot read image '{path}': {exc}") from None
-    return prepare_image(image, size, resize)
+
+
+def load_image(path: str | os.PathLike, size: int, resize: bool = False) -> Image.Image:
+    """Any Pillow-readable image as a size x size RGB picture (see `prepare_image`)."""
+    return prepare_image(read_image(path), size, resize)
 
 
 def prepare_image(image: Image.Image, size: int, resize: bool = False) -> Image.Image:
-    """Convert to RGB (alpha composited on white) and bring to size x size."""
+    """Convert to RGB (alpha composited on white) and bring to size x size.
+
+    Non-square images are centre-cropped (as null-text inversion does) so objects keep their
+    shape; `resize=True` stretches instead (as the DPL code does).
+    """
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -1,0 +1,311 @@
+"""The `dpl` command: a thin argparse layer over the Python API.
+
+Each subcommand is a `Command` (name, help, argument builder, runner) in `COMMANDS`; a new one is
+added by appending to that list. Runners return a summary (outputs, seconds and UNet evaluations
+per stage) that `--json` prints on stdout. User errors (`DplError`) become one line on stderr and
+exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dpl_edit import __version__
+from dpl_edit.errors import DplError
+
+Summary = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], Summary]
+
+
+def _word_scale(text: str) -> tuple[str, float]:
+    word, sep, scale = text.rpartition("=")
+    try:
+        if not sep or not word:
+            raise ValueError
+        return word, float(scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WORD=NUMBER, got '{text}'") from None
+
+
+def _cross_steps(text: str) -> tuple[str, float]:
+    """`0.8` sets the default fraction; `lion=0.4` one word's."""
+    if "=" in text:
+        return _word_scale(text)
+    try:
+        return "default_", float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction or WORD=FRACTION, got '{text}'"
+        ) from None
+
+
+def _add_common(parser: argparse.ArgumentParser, model: bool = True) -> None:
+    group = parser.add_argument_group("common options")
+    if model:
+        group.add_argument(
+            "--model", help="diffusers SD folder (default: $DPL_MODEL, then bundled)"
+        )
+        group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
+        group.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+        group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        group.add_argument(
+            "--steps", type=int, help="DDIM steps (default 50; edit: the inversion's)"
+        )
+        group.add_argument("--guidance", type=float, help="guidance scale (default 7.5)")
+    group.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+
+def _add_inversion_options(parser: argparse.ArgumentParser) -> None:
+    from dpl_edit.inversion import METHODS
+
+    parser.add_argument("--method", choices=METHODS, default="nti", help="inversion method")
+    parser.add_argument(
+        "--resize", action="store_true", help="stretch non-square images instead of cropping"
+    )
+
+
+def _add_edit_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mode",
+        choices=["replace", "refine"],
+        default="replace",
+        help="replace: swap words (same word count); refine: add/remove words",
+    )
+    parser.add_argument(
+        "--reweight",
+        nargs="+",
+        type=_word_scale,
+        default=[],
+        metavar="WORD=SCALE",
+        help="scale the attention of target words",
+    )
+    parser.add_argument(
+        "--blend",
+        nargs="+",
+        default=[],
+        metavar="WORD",
+        help="local blending: change only where these words attend",
+    )
+    parser.add_argument(
+        "--cross-steps",
+        nargs="+",
+        type=_cross_steps,
+        default=[],
+        metavar="F|WORD=F",
+        help="fraction of steps injecting cross-attention (0.8)",
+    )
+    parser.add_argument("--self-steps", type=float, default=0.5,
+                        help="fraction of steps injecting self-attention (0.5)")  # fmt: skip
+
+
+def _load_model(args: argparse.Namespace):
+    import torch
+
+    from dpl_edit.model import load_model
+
+    torch.manual_seed(args.seed)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load_model(args.model, device=device, dtype=args.dtype)
+
+
+def _invert(args: argparse.Namespace, model, image) -> Any:
+    from dpl_edit.inversion import invert
+
+    return invert(
+        model,
+        image,
+        args.prompt,
+        method=args.method,
+        steps=args.steps or 50,
+        guidance=7.5 if args.guidance is None else args.guidance,
+        resize=args.resize,
+    )
+
+
+def _edit(args: argparse.Namespace, model, inversion) -> Any:
+    from dpl_edit.edit import edit
+
+    if args.steps is not None and args.steps != inversion.steps:
+        raise DplError(f"the inversion has {inversion.steps} steps; edit cannot change that")
+    return edit(
+        model,
+        inversion,
+        args.target,
+        mode=args.mode,
+        reweight=dict(args.reweight),
+        blend=args.blend,
+        cross_replace_steps={"default_": 0.8, **dict(args.cross_steps)},
+        self_replace_steps=args.self_steps,
+        guidance=args.guidance,
+    )
+
+
+def _summary(outputs: dict[str, Path], seconds: dict[str, float], evals: dict[str, int]) -> Summary:
+    import torch
+
+    peak = {"cpu_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        peak["cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return {
+        "outputs": {k: str(v) for k, v in outputs.items()},
+        "seconds": seconds,
+        "unet_evals": evals,
+        "peak_memory": peak,
+    }
+
+
+def _run_invert(args: argparse.Namespace) -> Summary:
+    from dpl_edit.atomic import check_folder_target
+    from dpl_edit.images import read_image
+
+    check_folder_target(args.out, args.overwrite)
+    image = read_image(args.image)
+    model = _load_model(args)
+    inversion = _invert(args, model, image)
+    folder = inversion.save(args.out, overwrite=args.overwrite)
+    return _summary({"inversion": folder}, inversion.timings, inversion.unet_evals)
+
+
+def _run_edit(args: argparse.Namespace) -> Summary:
+    from dpl_edit.inversion import Inversion
+
+    Inversion.load(args.folder)  # a bad folder fails before the model is loaded
+    model = _load_model(args)
+    result = _edit(args, model, Inversion.load(args.folder, model))
+    return _summary({"image": result.save(args.out)}, result.timings, result.unet_evals)
+
+
+def _run_attention(args: argparse.Namespace) -> Summary:
+    from dpl_edit.inversion import Inversion
+    from dpl_edit.viz import attention_grid
+
+    inversion = Inversion.load(args.folder)
+    label = inversion.method.upper()
+    path = attention_grid(
+        inversion.image, inversion.words, [(label, inversion.attention)], args.out
+    )
+    return _summary({"attention": path}, {}, {})
+
+
+def _run_run(args: argparse.Namespace) -> Summary:
+    from dpl_edit.images import read_image, save_png
+    from dpl_edit.viz import attention_grid
+
+    image = read_image(args.image)
+    out = Path(args.out)
+    model = _load_model(args)
+    inversion = _invert(args, model, image)
+    result = _edit(args, model, inversion)
+    outputs = {
+        "image": result.save(out),
+        "source": save_png(result.source, out.with_name(f"{out.stem}_source.png")),
+        "inversion": inversion.save(out.with_name(f"{out.stem}_inversion"), overwrite=True),
+        "attention": attention_grid(
+            inversion.image,
+            inversion.words,
+            [(inversion.method.upper(), inversion.attention)],
+            out.with_name(f"{out.stem}_attention.png"),
+        ),
+    }
+    return _summary(
+        outputs,
+        {**inversion.timings, **result.timings},
+        {**inversion.unet_evals, **result.unet_evals},
+    )
+
+
+def _invert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", help="image file (anything Pillow reads)")
+    parser.add_argument("--prompt", required=True, help="text describing the image")
+    parser.add_argument("--out", required=True, help="inversion folder to create")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    _add_inversion_options(parser)
+    _add_common(parser)
+
+
+def _edit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", help="inversion folder made by `dpl invert`")
+    parser.add_argument("--target", required=True, help="the edited prompt")
+    parser.add_argument("--out", required=True, help="edited image (PNG)")
+    _add_edit_options(parser)
+    _add_common(parser)
+
+
+def _attention_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", help="inversion folder made by `dpl invert`")
+    parser.add_argument("--out", required=True, help="attention grid (PNG)")
+    _add_common(parser, model=False)
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", help="image file (anything Pillow reads)")
+    parser.add_argument("--prompt", required=True, help="text describing the image")
+    parser.add_argument("--target", required=True, help="the edited prompt")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="edited image (PNG); OUT_source.png, OUT_attention.png and the OUT_inversion "
+        "folder are written (or replaced) next to it",
+    )
+    _add_inversion_options(parser)
+    _add_edit_options(parser)
+    _add_common(parser)
+
+
+COMMANDS: list[Command] = [
+    Command("invert", "invert a real image (DDIM or null-text inversion)", _invert_arguments, _run_invert),
+    Command("edit", "edit an inverted image with Prompt-to-Prompt", _edit_arguments, _run_edit),
+    Command("attention", "draw each word's cross-attention", _attention_arguments, _run_attention),
+    Command("run", "invert and edit in one go", _run_arguments, _run_run),
+]  # fmt: skip
+
+
+def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dpl", description="Edit real images with text (null-text inversion, P2P, DPL)."
+    )
+    parser.add_argument("--version", action="version", version=f"dpl-edit {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in commands:
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(runner=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = args.runner(args)
+    except DplError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps({"command": args.command, **summary}, indent=2))
+    else:
+        for name, path in summary["outputs"].items():
+            print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Attention pictures: each word's time-averaged cross-attention map over the image, in one grid.
+
+Each row is one set of maps for the same prompt (e.g. NTI's and DPL's, to compare leakage), each
+column one word. A word split into several tokens shows the sum of its tokens' maps. Each map is
+normalised by its own maximum, as in P2P and DPL's figures, so the pictures show where a word
+attends, not how strongly compared with other words.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+from dpl_edit.atomic import atomic_write_bytes
+
+Words = Sequence[tuple[str, Sequence[int]]]
+
+
+def word_maps(maps: torch.Tensor, words: Words) -> list[torch.Tensor]:
+    """[res, res, text_len] -> one [res, res] map per word (sum over its tokens)."""
+    return [maps[..., list(positions)].sum(-1) for _, positions in words]
+
+
+def overlay(image: Image.Image, heat: torch.Tensor, opacity: float = 0.6) -> np.ndarray:
+    """Max-normalised heat map, upsampled to the image, blended over it as jet colours."""
+    size = image.size[::-1]
+    heat = heat.float() / heat.max().clamp_min(1e-12)
+    heat = F.interpolate(heat[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    colours = colormaps["jet"](heat.clamp(0, 1).numpy())[..., :3]
+    base = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+    return (1 - opacity) * base + opacity * colours
+
+
+def attention_grid(
+    image: Image.Image,
+    words: Words,
+    rows: Sequence[tuple[str, torch.Tensor]],
+    path: str | os.PathLike,
+) -> Path:
+    """Save a labelled PNG grid: the image, then one overlay per word, one row per map set.
+
+    `rows` holds (label, maps [res, res, text_len]) pairs, e.g. [("NTI", a), ("DPL", b)].
+    """
+    columns = 1 + len(words)
+    figure = Figure(figsize=(1.8 * columns, 1.9 * len(rows)), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(rows), columns, squeeze=False)
+    for r, (label, maps) in enumerate(rows):
+        axes[r][0].imshow(image)
+        axes[r][0].set_title(label, fontsize=9)
+        for c, ((word, _), heat) in enumerate(zip(words, word_maps(maps, words), strict=True)):
+            axes[r][c + 1].imshow(overlay(image, heat))
+            axes[r][c + 1].set_title(word, fontsize=9)
+    for axis in axes.flat:
+        axis.set_axis_off()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return atomic_write_bytes(path, buffer.getvalue())

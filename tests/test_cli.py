@@ -1,0 +1,143 @@
+"""The `dpl` command: a full run on the tiny model, and a one-line error for every bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dpl_edit.cli import main
+
+FAST = ["--steps", "3", "--device", "cpu"]
+
+
+def _error(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+@pytest.fixture(scope="module")
+def inversion_dir(tiny_model_dir, tmp_path_factory):
+    from conftest import tiny_image
+
+    folder = tmp_path_factory.mktemp("cli")
+    tiny_image().save(folder / "photo.png")
+    argv = ["invert", str(folder / "photo.png"), "--prompt", "a cat and a dog"]
+    argv += ["--out", str(folder / "inv"), "--model", str(tiny_model_dir), *FAST]
+    assert main(argv) == 0
+    return folder / "inv"
+
+
+def test_run_writes_everything_and_reports_json(tiny_model_dir, image_file, tmp_path, capsys):
+    out = tmp_path / "edit.png"
+    argv = ["run", str(image_file), "--prompt", "a cat and a dog", "--target", "a cat and a lion"]
+    argv += ["--out", str(out), "--model", str(tiny_model_dir), "--blend", "dog", "lion", "--json"]
+    assert main(argv + FAST) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["command"] == "run"
+    assert set(summary["outputs"]) == {"image", "source", "inversion", "attention"}
+    for path in summary["outputs"].values():
+        assert Path(path).exists()
+    assert Image.open(out).size == (32, 32)
+    assert summary["unet_evals"]["edit"] == 3 and summary["unet_evals"]["ddim_inversion"] == 3
+    assert summary["seconds"]["null_text"] > 0 and summary["peak_memory"]["cpu_rss_mb"] > 0
+    assert main(argv + FAST) == 0  # running again replaces its own outputs
+
+
+def test_edit_and_attention_from_a_folder(tiny_model_dir, inversion_dir, tmp_path, capsys):
+    argv = ["edit", str(inversion_dir), "--target", "a cat and a big dog", "--mode", "refine"]
+    argv += ["--reweight", "big=2", "--cross-steps", "0.6", "big=0.3", "--out"]
+    assert main([*argv, str(tmp_path / "e.png"), "--model", str(tiny_model_dir)]) == 0
+    assert Image.open(tmp_path / "e.png").size == (32, 32)
+    assert main(["attention", str(inversion_dir), "--out", str(tmp_path / "a.png")]) == 0
+    assert Image.open(tmp_path / "a.png").width > 32
+    assert "attention:" in capsys.readouterr().out
+
+
+def test_help_lists_every_command():
+    result = subprocess.run(
+        [sys.executable, "-m", "dpl_edit.cli", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0
+    for command in ("invert", "edit", "attention", "run"):
+        assert command in result.stdout
+
+
+def test_missing_image(tiny_model_dir, tmp_path, capsys):
+    argv = ["invert", str(tmp_path / "nope.png"), "--prompt", "a cat", "--out", str(tmp_path / "i")]
+    assert "does not exist" in _error(capsys, argv + ["--model", str(tiny_model_dir)])
+
+
+def test_corrupt_image(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "bad.jpg").write_bytes(b"definitely not a jpeg")
+    argv = ["invert", str(tmp_path / "bad.jpg"), "--prompt", "a cat", "--out", str(tmp_path / "i")]
+    assert "cannot read image" in _error(capsys, argv + ["--model", str(tiny_model_dir)])
+
+
+def test_prompt_too_long(tiny_model_dir, image_file, tmp_path, capsys):
+    argv = ["invert", str(image_file), "--prompt", " ".join(["cat"] * 30)]
+    argv += ["--out", str(tmp_path / "i"), "--model", str(tiny_model_dir), *FAST]
+    assert "tokens long" in _error(capsys, argv)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--target", "a cat and a big lion"], "--mode refine"),
+        (["--target", "a cat and a lion", "--reweight", "tiger=2"], "'tiger' is not in"),
+        (["--target", "a cat and a lion", "--blend", "tiger"], "in neither"),
+        (["--target", "a cat and a lion", "--steps", "7"], "has 3 steps"),
+    ],
+)
+def test_bad_edits(tiny_model_dir, inversion_dir, tmp_path, capsys, extra, message):
+    argv = ["edit", str(inversion_dir), "--out", str(tmp_path / "e.png")]
+    assert message in _error(capsys, argv + ["--model", str(tiny_model_dir), *extra])
+
+
+def test_inversion_of_another_model(tiny_model_dir, inversion_dir, tmp_path, capsys):
+    folder = Path(shutil.copytree(inversion_dir, tmp_path / "inv"))
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "model_identity": "sd@0123456789ab"}))
+    argv = ["edit", str(folder), "--target", "a cat and a lion", "--out", str(tmp_path / "e.png")]
+    assert "was made with model sd@" in _error(capsys, argv + ["--model", str(tiny_model_dir)])
+
+
+def test_inversion_of_another_format_version(tiny_model_dir, inversion_dir, tmp_path, capsys):
+    folder = Path(shutil.copytree(inversion_dir, tmp_path / "inv"))
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "format_version": 0}))
+    argv = ["edit", str(folder), "--target", "a cat and a lion", "--out", str(tmp_path / "e.png")]
+    assert "format version 0" in _error(capsys, argv + ["--model", str(tiny_model_dir)])
+
+
+def test_unknown_device(tiny_model_dir, image_file, tmp_path, capsys):
+    argv = ["invert", str(image_file), "--prompt", "a cat", "--out", str(tmp_path / "i")]
+    argv += ["--model", str(tiny_model_dir), "--device", "warp-drive"]
+    assert "unknown device" in _error(capsys, argv)
+
+
+def test_model_folder_that_is_not_sd(image_file, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    argv = ["invert", str(image_file), "--prompt", "a cat", "--out", str(tmp_path / "i")]
+    message = _error(capsys, argv + ["--model", str(tmp_path / "empty")])
+    assert "not a diffusers Stable Diffusion model" in message
+
+
+def test_existing_output_folder(tiny_model_dir, image_file, inversion_dir, capsys):
+    argv = ["invert", str(image_file), "--prompt", "a cat", "--out", str(inversion_dir)]
+    assert "already exists" in _error(capsys, argv + ["--model", str(tiny_model_dir), *FAST])
+
+
+def test_bad_option_values_exit_nonzero(capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["edit", "x", "--target", "t", "--out", "o", "--reweight", "dog"])
+    assert raised.value.code == 2
+    assert "expected WORD=NUMBER" in capsys.readouterr().err
