@@ -29,10 +29,20 @@ TINY_WORDS = [
 TINY_TEXT_LEN = 16
 
 
-def build_tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
-    """Write a tiny random SD model (16x16 latents, 32x32 images) in diffusers layout."""
+def build_tiny_sd(
+    folder: Path,
+    prediction_type: str = "epsilon",
+    seed: int = 0,
+    words: list[str] = TINY_WORDS,
+    text_len: int = TINY_TEXT_LEN,
+) -> Path:
+    """Write a tiny random SD model (16x16 latents, 32x32 images) in diffusers layout.
+
+    `words` and `text_len` set the tokenizer's vocabulary and prompt length, so a test can build
+    one that fits other prompts (the benchmark's world captions need 17 tokens).
+    """
     torch.manual_seed(seed)
-    tokenizer = build_clip_tokenizer(TINY_WORDS, model_max_length=TINY_TEXT_LEN)
+    tokenizer = build_clip_tokenizer(words, model_max_length=text_len)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -40,7 +50,7 @@ def build_tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0)
             intermediate_size=64,
             num_hidden_layers=2,
             num_attention_heads=4,
-            max_position_embeddings=TINY_TEXT_LEN,
+            max_position_embeddings=text_len,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,

@@ -8,7 +8,9 @@ line::
      "edited_object": "dog", "ideal": "ideal/s1.png"}
 
 Paths are relative to the JSONL file. `ideal` may be null or left out (edit fidelity is then not
-measured). Each mask noun must be a word of the source caption exactly once, since the runner
+measured). An optional `"edit_region": png` gives the pixels the ideal edit may change (the union
+of the edited object's old and new masks); without it the edited object's mask stands in, which
+is exact for a colour swap but misses the new shape's outline for a shape swap. Each mask noun must be a word of the source caption exactly once, since the runner
 finds the noun's cross-attention map through its position in the caption. A mask pixel belongs to
 the object where its grey value is at least half the mask's maximum, so 0/1 and 0/255 PNGs both
 work and antialiased edges split evenly. Every problem is a `DplError` naming file and line.
@@ -83,6 +85,8 @@ class BenchScene:
     masks: dict[str, np.ndarray]
     edited_object: str
     ideal: ImageSource | None = None
+    edit_region: np.ndarray | None = None
+    """Pixels the ideal edit may change (old and new object masks); None: the edited mask."""
 
     def __post_init__(self) -> None:
         for name in ("id", "source", "target", "edited_object"):
@@ -109,6 +113,12 @@ class BenchScene:
             )
         if self.ideal is not None and _image_hw(self.ideal, "ideal") != hw:
             raise DplError(f"ideal image is not the image's size {_size(hw)}")
+        region = self.edit_region
+        if region is not None and (region.dtype != bool or region.shape != hw):
+            raise DplError(
+                f"edit_region is {_size(region.shape)} ({region.dtype}) but the image is"
+                f" {_size(hw)}; it must be bool and the image's size"
+            )
 
     @property
     def background_mask(self) -> np.ndarray:
@@ -123,6 +133,11 @@ class BenchScene:
             if other != noun:
                 union |= mask
         return union
+
+    @property
+    def changed_region(self) -> np.ndarray:
+        """Where the edit is meant to change pixels: `edit_region`, else the edited object."""
+        return self.masks[self.edited_object] if self.edit_region is None else self.edit_region
 
     def source_image(self) -> np.ndarray:
         """The source image as H×W×3 uint8."""
@@ -156,6 +171,9 @@ def _parse_record(record: object, base: Path) -> BenchScene:
     image = _path_field(record, "image", base)
     _image_hw(image, "image")  # a missing image is reported before its masks
     ideal = None if record.get("ideal") is None else _path_field(record, "ideal", base)
+    region = None
+    if record.get("edit_region") is not None:
+        region = load_mask(_path_field(record, "edit_region", base))
     return BenchScene(
         id=record["id"],
         image=image,
@@ -164,6 +182,7 @@ def _parse_record(record: object, base: Path) -> BenchScene:
         masks={noun: load_mask(_path_field(masks, noun, base)) for noun in masks},
         edited_object=record["edited_object"],
         ideal=ideal,
+        edit_region=region,
     )
 
 

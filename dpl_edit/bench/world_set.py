@@ -1,0 +1,98 @@
+"""The built-in benchmark scenes: two- and three-object world scenes with a word-swap edit each.
+
+The synthetic world renders every scene from a few numbers, so each scene comes with exact object
+masks and an exact *ideal edit* (the same scene re-rendered with one object's shape or colour
+swapped). The validation split is for choosing defaults, the test split for reporting; they use
+different world seeds (and neither is the training seed 0), so no scene is in both or was seen in
+training. Scenes alternate between two and three objects so both are equally represented.
+
+`export_world` writes a split in the external JSONL format, so the file path of the benchmark is
+exercised with real files and anyone can inspect or reuse the set.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dpl_edit import world
+from dpl_edit.atomic import atomic_write_bytes
+from dpl_edit.bench.scenes import BenchScene
+from dpl_edit.errors import DplError
+from dpl_edit.images import save_png
+
+SPLIT_SEEDS = {"val": 7001, "test": 7002}
+"""World seed of each split; the bundled model trains on seed 0, so these scenes are unseen."""
+SPLIT_SIZE = 100
+_SWAP_STREAM = 1  # second random stream per scene, for the edit, independent of the layout
+
+
+def world_scene(split: str, index: int) -> BenchScene:
+    """Scene `index` of a split: its render, masks, word swap, ideal edit and edit region."""
+    seed = SPLIT_SEEDS[split]
+    scene = world.scene_at(seed, index, n_objects=2 + index % 2)
+    edited_shape, ideal, target = world.swap_target(
+        scene, np.random.default_rng([seed, index, _SWAP_STREAM])
+    )
+    render, ideal_render = scene.render(), ideal.render()
+    new_shape = next(o.shape for o in ideal.objects if o not in scene.objects)
+    return BenchScene(
+        id=f"{split}-{index:03d}",
+        image=render.image,
+        source=render.caption,
+        target=target,
+        masks=render.masks,
+        edited_object=edited_shape,
+        ideal=ideal_render.image,
+        edit_region=render.masks[edited_shape] | ideal_render.masks[new_shape],
+    )
+
+
+def world_split(split: str, limit: int | None = None) -> list[BenchScene]:
+    """The first `limit` scenes (all when None) of the 'val' or 'test' split."""
+    if split not in SPLIT_SEEDS:
+        raise DplError(f"unknown split '{split}' (use {', '.join(SPLIT_SEEDS)})")
+    count = SPLIT_SIZE if limit is None else min(limit, SPLIT_SIZE)
+    if count < 1:
+        raise DplError(f"--limit must be at least 1, got {limit}")
+    return [world_scene(split, i) for i in range(count)]
+
+
+def _save(folder: Path, relative: Path, pixels: np.ndarray) -> str:
+    """Write an image (masks as 0/255) under `folder`; return its path relative to the folder."""
+    if pixels.dtype == bool:
+        pixels = pixels.astype(np.uint8) * 255
+    save_png(Image.fromarray(pixels), folder / relative)
+    return relative.as_posix()
+
+
+def export_world(folder: str | Path, split: str = "test", limit: int | None = None) -> Path:
+    """Write a split as `<folder>/<split>.jsonl` with its PNGs; return the JSONL path.
+
+    Paths in the file are relative to it, as the external format requires. The JSONL file is
+    written last and atomically, so it never names an image that is not there yet.
+    """
+    folder = Path(folder)
+    lines = []
+    for scene in world_split(split, limit):
+        sub = Path(scene.id)
+        record = {
+            "id": scene.id,
+            "image": _save(folder, sub / "image.png", scene.source_image()),
+            "source": scene.source,
+            "target": scene.target,
+            "masks": {
+                noun: _save(folder, sub / f"mask_{noun}.png", mask)
+                for noun, mask in scene.masks.items()
+            },
+            "edited_object": scene.edited_object,
+            "ideal": _save(folder, sub / "ideal.png", scene.ideal_image()),
+            "edit_region": _save(folder, sub / "edit_region.png", scene.changed_region),
+        }
+        lines.append(json.dumps(record))
+    path = folder / f"{split}.jsonl"
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    return path
