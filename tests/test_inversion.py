@@ -155,3 +155,13 @@ def test_dynamic_tokens_follow_words_into_other_prompts(tiny_model):
     assert set(got) == {(0, 2), (0, 3), (0, 4), (0, 7), (1, 3)}
     torch.testing.assert_close(got[(0, 3)], vectors[1, 1])
     torch.testing.assert_close(got[(1, 3)], vectors[1, 3])
+
+
+def test_same_input_gives_identical_inversions(tiny_model):
+    from conftest import tiny_image
+
+    first, second = (
+        invert(tiny_model, tiny_image(), PROMPT, steps=2, progress=False) for _ in range(2)
+    )
+    assert torch.equal(first.latents, second.latents)
+    assert torch.equal(first.null_embeddings, second.null_embeddings)
