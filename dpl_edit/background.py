@@ -205,11 +205,33 @@ def _file_stem(word: str) -> str:
     return re.sub(r"[^\w-]", "_", word)
 
 
-def _write_png_atomically(mask: torch.Tensor, path: Path, size: int) -> None:
-    """Write a mask as a black/white PNG via a temporary file and a rename, so a crash never
-    leaves a half-written mask that a later run would read."""
+def mask_image(mask: torch.Tensor, size: int) -> Image.Image:
+    """A bool mask as a black/white (white = True) greyscale image of `size` x `size` pixels."""
     image = Image.fromarray(mask.cpu().numpy().astype(np.uint8) * 255)
-    image = image.resize((size, size), Image.Resampling.NEAREST)
+    return image.resize((size, size), Image.Resampling.NEAREST)
+
+
+def mask_images(estimate: BackgroundEstimate, size: int) -> dict[str, Image.Image]:
+    """`background` (if any) and one `word-<word>` image per word, keyed by file stem.
+
+    Word masks carry a prefix so that a dynamic word called "background" cannot overwrite the
+    background mask. The inversion folder stores these same images, so a mask file means the
+    same thing whether `save_masks_png` or an inversion wrote it.
+    """
+    stems = [_file_stem(word) for word in estimate.words]
+    if len(set(stems)) != len(stems):
+        raise DplError(f"words {list(estimate.words)} do not give distinct file names")
+    images = {}
+    if estimate.background is not None:
+        images["background"] = mask_image(estimate.background, size)
+    for word, stem in zip(estimate.words, stems, strict=True):
+        images[f"word-{stem}"] = mask_image(estimate.word_masks[word], size)
+    return images
+
+
+def _write_png_atomically(image: Image.Image, path: Path) -> None:
+    """Write a PNG via a temporary file and a rename, so a crash never leaves a half-written
+    mask that a later run would read."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
@@ -221,27 +243,19 @@ def _write_png_atomically(mask: torch.Tensor, path: Path, size: int) -> None:
 
 
 def save_masks_png(estimate: BackgroundEstimate, folder: str | Path, size: int) -> list[Path]:
-    """Save `background.png` and one `word-<word>.png` per word, upscaled to `size` px.
+    """Save `background.png` and one `word-<word>.png` per word (see `mask_images`).
 
-    Word masks carry a prefix so that a dynamic word called "background" cannot overwrite the
-    background mask. Without a background no `background.png` is written, and a stale one from
-    an earlier run in the same folder is removed, as a reader would otherwise trust it.
-    Returns the paths written.
+    Without a background no `background.png` is written, and a stale one from an earlier run
+    in the same folder is removed, as a reader would otherwise trust it. Returns the paths
+    written.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    stems = [_file_stem(word) for word in estimate.words]
-    if len(set(stems)) != len(stems):
-        raise DplError(f"words {list(estimate.words)} do not give distinct file names")
-    targets = [
-        (estimate.word_masks[w], folder / f"word-{s}.png")
-        for w, s in zip(estimate.words, stems, strict=True)
-    ]
-    background_path = folder / "background.png"
+    images = mask_images(estimate, size)
     if estimate.background is None:
-        background_path.unlink(missing_ok=True)
-    else:
-        targets.insert(0, (estimate.background, background_path))
-    for mask, path in targets:
-        _write_png_atomically(mask, path, size)
-    return [path for _, path in targets]
+        (folder / "background.png").unlink(missing_ok=True)
+    written = []
+    for stem, image in images.items():
+        _write_png_atomically(image, folder / f"{stem}.png")
+        written.append(folder / f"{stem}.png")
+    return written

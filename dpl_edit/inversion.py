@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +27,14 @@ from dpl_edit.attention import AttentionController, CrossAttentionStore, control
 from dpl_edit.ddim import Ddim
 from dpl_edit.errors import DplError
 from dpl_edit.images import image_to_tensor, load_image, prepare_image
+from dpl_edit.losses import DplLossConfig
 from dpl_edit.model import LoadedModel, same_model
 from dpl_edit.text import encode_text, find_word, word_spans
 
-METHODS = ("ddim", "nti")
+if TYPE_CHECKING:
+    from dpl_edit.dpl import BackgroundSettings
+
+METHODS = ("ddim", "nti", "dpl")
 ARTIFACT_KIND = "inversion"
 
 
@@ -335,13 +339,33 @@ def invert(
     null_text: NullTextSettings | None = None,
     resize: bool = False,
     progress: bool = True,
+    words: Sequence[str] | None = None,
+    dpl_config: DplLossConfig | None = None,
+    background: BackgroundSettings | None = None,
+    bg_mask: str | Path | None = None,
+    no_bg: bool = False,
 ) -> Inversion:
-    """Invert a real image (a path or PIL image) under `prompt` with DDIM or null-text inversion."""
+    """Invert a real image (a path or PIL image) under `prompt` with DDIM, NTI or DPL.
+
+    DPL ("dpl") is NTI whose every step first learns the vectors of `words` (default: the
+    prompt's words in the model's object list) against attention leakage; `dpl_config` holds its
+    losses and optimiser, `background` how the background mask is estimated, `bg_mask` a user's
+    mask file (white = background) instead, and `no_bg` turns the background loss off.
+    """
     if method not in METHODS:
         raise DplError(f"unknown inversion method '{method}' (use {', '.join(METHODS)})")
     if steps < 1:
         raise DplError("the number of steps must be at least 1")
+    dpl_options = words or dpl_config or background or bg_mask is not None or no_bg
+    if method != "dpl" and dpl_options:
+        raise DplError(f"words and background options need method 'dpl', not '{method}'")
     null_text = null_text or NullTextSettings()
+    plan = None
+    if method == "dpl":
+        # dpl.py builds on this module, so it is imported when used rather than at the top.
+        from dpl_edit.dpl import DplPlan
+
+        plan = DplPlan.create(model, prompt, words, dpl_config, background, bg_mask, no_bg)
     if isinstance(image, Image.Image):
         image = prepare_image(image, model.resolution, resize)
     else:
@@ -358,23 +382,37 @@ def invert(
 
     start = time.perf_counter()
     store = CrossAttentionStore([model.defaults.cross_attention_res])
-    latents = ddim_inversion(model, ddim, z0, cond, [store], progress)
+    controllers = [store, *(plan.inversion_controllers if plan else [])]
+    latents = ddim_inversion(model, ddim, z0, cond, controllers, progress)
     timings["ddim_inversion"] = time.perf_counter() - start
     evals["ddim_inversion"] = model.unet_evals - evals_before
 
     extras: dict[str, Any] = {}
+    dynamic_tokens = None
     if method == "ddim":
         nulls = uncond.expand(steps, -1, -1)
         attention = store.average(model.defaults.cross_attention_res)[0]
     else:
+        stage = None
+        if plan is not None:
+            stage = plan.token_stage(store.average(model.defaults.cross_attention_res)[0])
+            timings["dpl_background"] = plan.seconds
         start, evals_before = time.perf_counter(), model.unet_evals
         result = null_text_inversion(
-            model, ddim, latents, cond, uncond, guidance, null_text, progress=progress
+            model, ddim, latents, cond, uncond, guidance, null_text, stage, progress
         )
         timings["null_text"] = time.perf_counter() - start
         evals["null_text"] = model.unet_evals - evals_before
         nulls, attention = result.null_embeddings, result.attention
         extras.update(null_inner_steps=result.inner_steps, null_losses=result.losses)
+        if stage is not None:
+            # The token stage ran inside the null-text loop: report the two apart.
+            timings["null_text"] -= stage.seconds
+            evals["null_text"] -= stage.unet_evals
+            timings["dpl_tokens"] = stage.seconds
+            evals["dpl_tokens"] = stage.unet_evals
+            dynamic_tokens = stage.dynamic_tokens()
+            extras.update(plan.masks, dpl_trace=stage.trace)
 
     settings = {
         "steps": steps,
@@ -384,6 +422,7 @@ def invert(
         "cross_attention_res": model.defaults.cross_attention_res,
         "dtype": str(model.dtype).removeprefix("torch."),
         "null_text": asdict(null_text) if method != "ddim" else None,
+        "dpl": plan.settings() if plan else None,
     }
     return Inversion(
         prompt=prompt,
@@ -397,6 +436,7 @@ def invert(
         settings=settings,
         timings=timings,
         unet_evals=evals,
+        dynamic_tokens=dynamic_tokens,
         extras=extras,
     )
 

@@ -1,0 +1,359 @@
+"""Dynamic Prompt Learning's token stage: per-step word vectors learned against attention leakage.
+
+At every denoising step of null-text inversion, before the null text is fitted, the input
+embedding of each chosen word is optimised so that its cross-attention map (a) has a strong peak
+of its own, (b) does not overlap the other chosen words' maps and (c) stays off the background
+(docs/dpl-algorithm.md section 4). The vectors of a step start from the previous step's, so the
+noisiest step starts from the word's own token embedding and each later step only refines.
+
+Only the vectors are optimised: they replace the token-embedding output at the word's positions
+(see `dpl_edit.text`), so the frozen model, its vocabulary and every other word are untouched.
+The background mask comes from the DDIM inversion pass (K-means on self-attention, section 3),
+from a user's file, or not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from dpl_edit.attention import (
+    AttentionController,
+    CrossAttentionStore,
+    SelfAttentionStore,
+    attention_layers,
+    controlled_attention,
+)
+from dpl_edit.background import (
+    BackgroundEstimate,
+    MaskResample,
+    background_mask_at,
+    estimate_background,
+    load_mask_png,
+    mask_image,
+    mask_images,
+)
+from dpl_edit.errors import DplError
+from dpl_edit.inversion import DynamicTokens, NullTextSettings
+from dpl_edit.losses import DplLossConfig, LossReport, evaluate_losses
+from dpl_edit.model import LoadedModel
+from dpl_edit.text import encode_text, word_spans, word_token_positions
+
+log = logging.getLogger(__name__)
+
+ORIGINAL_NULL_TEXT = NullTextSettings(inner_steps=51, early_stop=None, warm_start=False)
+"""The DPL code's null-text stage: 51 steps from the empty prompt's embedding at every step, no
+early stop (section 4.6). NTI's warm-started, early-stopped default is cheaper and is what we use
+unless asked for this."""
+
+_PUNCTUATION = ".,;:!?\"'()[]"
+
+
+@dataclass(frozen=True)
+class BackgroundSettings:
+    """How the background mask is estimated (section 3) and brought to the loss's resolution.
+
+    `resample` "majority" keeps the mask's area; "any" reproduces the original code's dilated
+    mask (any cell the bicubic shrink leaves non-zero counts as background).
+    """
+
+    n_clusters: int = 5
+    threshold: float = 0.2
+    seed: int = 1
+    n_init: int = 10
+    resample: MaskResample = "majority"
+
+    def __post_init__(self) -> None:
+        """Fail before the inversion starts rather than after its first pass."""
+        if self.n_clusters < 1 or self.n_init < 1:
+            raise DplError("background estimation needs at least one cluster and one K-means run")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise DplError(f"the background threshold must be in [0, 1], got {self.threshold}")
+        if self.resample not in ("majority", "any"):
+            raise DplError(f"unknown mask resampling {self.resample!r}; use 'majority' or 'any'")
+
+
+def choose_words(model: LoadedModel, prompt: str, words: Sequence[str] | None) -> list[str]:
+    """The words that get dynamic tokens: the given ones, else the prompt's object words.
+
+    Object words come from the model folder's list (`dpl_defaults.json`); the original code
+    tagged nouns with NLTK, which needs data files and guesses wrong on short captions.
+    """
+    if words:
+        chosen = list(words)
+        if len(set(chosen)) != len(chosen):
+            raise DplError(f"each dynamic word may be named once, got {chosen}")
+        for word in chosen:
+            word_token_positions(model.tokenizer, prompt, word)
+        return chosen
+    objects = set(model.defaults.object_words)
+    if not objects:
+        raise DplError(
+            "this model has no list of object words; name the words to learn with --words"
+        )
+    chosen = []
+    for word, _ in word_spans(model.tokenizer, prompt):
+        bare = word.strip(_PUNCTUATION).lower()
+        if bare in objects and bare not in chosen:
+            chosen.append(bare)
+    if not chosen:
+        raise DplError(
+            f"the prompt '{prompt}' names none of this model's object words; name the words "
+            "to learn with --words"
+        )
+    return chosen
+
+
+def word_token_groups(model: LoadedModel, prompt: str, words: Sequence[str]) -> list[list[int]]:
+    """Each word's token positions in the prompt (every occurrence, every sub-token).
+
+    The losses sum a word's token maps (`dpl_edit.word_maps`), so a word split by BPE, or
+    written twice, is scored as one object.
+    """
+    groups = [word_token_positions(model.tokenizer, prompt, word) for word in words]
+    seen: set[int] = set()
+    for word, group in zip(words, groups, strict=True):
+        if seen.intersection(group):
+            raise DplError(f"the word '{word}' shares tokens with another dynamic word")
+        seen.update(group)
+    return groups
+
+
+def initial_vectors(model: LoadedModel, words: Sequence[str]) -> torch.Tensor:
+    """The words' own token-embedding rows, one per sub-token, words in order: [rows, dim].
+
+    This is the row order `DynamicTokens` expects. Kept in float32 whatever the model's dtype,
+    so that AdamW's small steps are not lost to half-precision rounding.
+    """
+    table = model.text_encoder.get_input_embeddings().weight
+    ids = [
+        model.tokenizer.convert_tokens_to_ids(token)
+        for word in words
+        for token in model.tokenizer.tokenize(word)
+    ]
+    return table[ids].detach().float().clone()
+
+
+def _check_resolution(model: LoadedModel, res: int, cross: bool, what: str) -> None:
+    layers = attention_layers(model.unet).values()
+    if not any(layer.is_cross == cross and layer.res == res for layer in layers):
+        kind = "cross" if cross else "self"
+        raise DplError(
+            f"this model has no {kind}-attention at {res}x{res} for {what}; set "
+            f"{kind}_attention_res in the model's dpl_defaults.json"
+        )
+
+
+class TokenStage:
+    """The `StepStage` of DPL: updates the word vectors at each step, returns the conditioning.
+
+    Per step: a fresh AdamW (lr 1e-3, weight decay 0.01 by default) over a copy of the previous
+    step's vectors; up to `max_inner_steps` times, a conditional-only UNet call on the current
+    latent records the cross-attention at the loss resolution with gradient, the losses are
+    evaluated, and the loop stops as soon as they are all under their thresholds, else takes
+    one optimiser step. The original code's vocabulary growing and row restoring is replaced by
+    optimising the vectors alone, which is the same update (section 10).
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        prompt: str,
+        words: Sequence[str],
+        groups: Sequence[Sequence[int]],
+        bg_mask: torch.Tensor | None,
+        config: DplLossConfig,
+    ) -> None:
+        self.model = model
+        self.prompt = prompt
+        self.words = list(words)
+        self.groups = [list(group) for group in groups]
+        self.bg_mask = None if bg_mask is None else bg_mask.to(model.device)
+        self.config = config
+        self.res = model.defaults.cross_attention_res
+        self.vectors = initial_vectors(model, words).to(model.device)
+        self.steps: list[torch.Tensor] = []
+        self.trace: list[dict[str, Any]] = []
+        self.seconds = 0.0
+        self.unet_evals = 0
+        self._warned = False
+
+    def conditioning(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The prompt's text embedding with `vectors` at the words' positions.
+
+        Goes through `DynamicTokens.token_vectors`, the same mapping editing uses, so what is
+        learned here is exactly what an edit substitutes.
+        """
+        tokens = DynamicTokens(self.words, self.groups, vectors[None])
+        return encode_text(
+            self.model, [self.prompt], tokens.token_vectors(self.model.tokenizer, [self.prompt], 0)
+        )
+
+    def losses(self, vectors: torch.Tensor, step: int, t: int, latent: torch.Tensor) -> LossReport:
+        """DPL's losses for `vectors` on `latent` at `step`, differentiable w.r.t. `vectors`."""
+        store = CrossAttentionStore([self.res], grad=True)
+        with controlled_attention(self.model.unet, [store]):
+            self.model.predict(latent, t, self.conditioning(vectors))
+        maps = store.current(self.res)[0]
+        return evaluate_losses(maps, self.groups, self.bg_mask, step, self.config)
+
+    def __call__(self, step: int, t: int, latent: torch.Tensor) -> torch.Tensor:
+        start, evals_before = time.perf_counter(), self.model.unet_evals
+        vectors = torch.nn.Parameter(self.vectors.clone())
+        optimizer = torch.optim.AdamW(
+            [vectors], lr=self.config.lr, weight_decay=self.config.weight_decay
+        )
+        first: LossReport | None = None
+        report: LossReport | None = None
+        updates = 0
+        with torch.enable_grad():
+            for _ in range(self.config.max_inner_steps):
+                report = self.losses(vectors, step, t, latent)
+                if first is None:
+                    first = report
+                self._warn_if_background_skipped(report)
+                if report.satisfied:
+                    break
+                optimizer.zero_grad()
+                report.total.backward()
+                optimizer.step()
+                updates += 1
+        self.vectors = vectors.detach()
+        self.steps.append(self.vectors.cpu())
+        self.trace.append(
+            {
+                "inner_steps": updates,
+                "stopped_early": report is not None and report.satisfied,
+                "first": None if first is None else first.as_record(),
+                "last": None if report is None else report.as_record(),
+            }
+        )
+        with torch.no_grad():
+            cond = self.conditioning(self.vectors)
+        self.seconds += time.perf_counter() - start
+        self.unet_evals += self.model.unet_evals - evals_before
+        return cond
+
+    def _warn_if_background_skipped(self, report: LossReport) -> None:
+        if report.bg_skipped and not self._warned:
+            log.warning(
+                "no background was found, so DPL's background-leakage loss is skipped; "
+                "give a mask with --bg-mask, or silence this with --no-bg"
+            )
+            self._warned = True
+
+    def dynamic_tokens(self) -> DynamicTokens:
+        """The learned vectors of every step so far, for the inversion: [steps, rows, dim]."""
+        return DynamicTokens(self.words, self.groups, torch.stack(self.steps).float())
+
+
+@dataclass
+class DplPlan:
+    """DPL's part of an inversion, decided before any UNet call so user errors fail fast.
+
+    `inversion_controllers` are added to the DDIM inversion pass (the self-attention store that
+    background estimation needs); `token_stage` then builds the stage from that pass's maps.
+    """
+
+    model: LoadedModel
+    prompt: str
+    words: list[str]
+    groups: list[list[int]]
+    config: DplLossConfig
+    background: BackgroundSettings
+    user_mask: torch.Tensor | None
+    self_store: SelfAttentionStore | None
+    bg_source: str
+    masks: dict[str, Image.Image] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @classmethod
+    def create(
+        cls,
+        model: LoadedModel,
+        prompt: str,
+        words: Sequence[str] | None = None,
+        config: DplLossConfig | None = None,
+        background: BackgroundSettings | None = None,
+        bg_mask: str | Path | None = None,
+        no_bg: bool = False,
+    ) -> DplPlan:
+        """Check the words and the background options, and read a user's mask."""
+        config = config or DplLossConfig()
+        background = background or BackgroundSettings()
+        if bg_mask is not None and no_bg:
+            raise DplError("--bg-mask and --no-bg contradict each other; use one of them")
+        chosen = choose_words(model, prompt, words)
+        groups = word_token_groups(model, prompt, chosen)
+        res = model.defaults.cross_attention_res
+        _check_resolution(model, res, cross=True, what="DPL's losses")
+        if no_bg:
+            config = replace(config, use_bg=False)
+        wants_bg = config.use_bg and config.lambda_bg > 0
+        user_mask, self_store, source = None, None, "off"
+        if wants_bg and bg_mask is not None:
+            user_mask = load_mask_png(bg_mask, res, background.resample)
+            source = "file"
+        elif wants_bg:
+            sa_res = model.defaults.self_attention_res
+            _check_resolution(model, sa_res, cross=False, what="background estimation")
+            self_store = SelfAttentionStore(sa_res)
+            source = "estimated"
+        return cls(model, prompt, chosen, groups, config, background, user_mask, self_store, source)
+
+    @property
+    def inversion_controllers(self) -> list[AttentionController]:
+        return [] if self.self_store is None else [self.self_store]
+
+    def token_stage(self, cross_maps: torch.Tensor) -> TokenStage:
+        """The stage for null-text inversion; `cross_maps` [res, res, text_len] are the DDIM
+        inversion's time-averaged cross-attention, which labels the K-means clusters."""
+        start = time.perf_counter()
+        size = self.model.resolution
+        mask = self.user_mask
+        if self.user_mask is not None:
+            self.masks = {"background": mask_image(self.user_mask, size)}
+        elif self.self_store is not None:
+            estimate = self._estimate(cross_maps)
+            self.masks = mask_images(estimate, size)
+            if estimate.background is None:
+                self.bg_source = "estimated: none found"
+            else:
+                mask = self._at_loss_resolution(estimate)
+        self.seconds = time.perf_counter() - start
+        return TokenStage(self.model, self.prompt, self.words, self.groups, mask, self.config)
+
+    def _estimate(self, cross_maps: torch.Tensor) -> BackgroundEstimate:
+        settings = self.background
+        return estimate_background(
+            self.self_store.average()[0],
+            cross_maps,
+            self.groups,
+            self.words,
+            n_clusters=settings.n_clusters,
+            threshold=settings.threshold,
+            seed=settings.seed,
+            n_init=settings.n_init,
+        )
+
+    def _at_loss_resolution(self, estimate: BackgroundEstimate) -> torch.Tensor:
+        return background_mask_at(
+            estimate.background, self.model.defaults.cross_attention_res, self.background.resample
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """What the inversion records about DPL's configuration (JSON)."""
+        return {
+            "words": self.words,
+            "token_groups": self.groups,
+            "losses": asdict(self.config),
+            "background": asdict(self.background),
+            "background_source": self.bg_source,
+        }

@@ -1,0 +1,246 @@
+"""Dynamic Prompt Learning end to end on the tiny model: token stage, background, artifacts."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dpl_edit.attention import CrossAttentionStore, controlled_attention
+from dpl_edit.ddim import Ddim
+from dpl_edit.dpl import BackgroundSettings
+from dpl_edit.edit import edit
+from dpl_edit.errors import DplError
+from dpl_edit.inversion import Inversion, invert, step_embeddings
+from dpl_edit.losses import DplLossConfig, balancing_loss, disjoint_loss
+from dpl_edit.model import load_model
+from dpl_edit.text import encode_text
+
+PROMPT = "a cat and a dog"
+CAT, DOG = 2, 5
+STEPS = 3
+# No thresholds, so every inner step updates and the test does not depend on where the random
+# model's losses start relative to the paper's thresholds.
+FORCED = DplLossConfig(max_inner_steps=5, use_thresholds=False)
+
+
+def _invert(model, prompt=PROMPT, **options):
+    from conftest import tiny_image
+
+    options.setdefault("dpl_config", FORCED)
+    return invert(model, tiny_image(), prompt, method="dpl", steps=STEPS, progress=False, **options)
+
+
+@pytest.fixture(scope="module")
+def dpl_inversion(tiny_model):
+    return _invert(tiny_model, words=["cat", "dog"])
+
+
+def _embedding_rows(model, words):
+    table = model.text_encoder.get_input_embeddings().weight
+    ids = [
+        model.tokenizer.convert_tokens_to_ids(t) for w in words for t in model.tokenizer.tokenize(w)
+    ]
+    return table[ids].detach().float()
+
+
+@torch.no_grad()
+def _maps(model, inversion, vectors, step):
+    """Cross-attention of the conditional prompt at `step` on the inverted noisy latent, with
+    the cat and dog vectors put in directly (independently of the DPL code's mapping)."""
+    t = Ddim(model.scheduler, inversion.steps).timesteps[step]
+    cond = encode_text(model, [PROMPT], {(0, CAT): vectors[0], (0, DOG): vectors[1]})
+    store = CrossAttentionStore([model.defaults.cross_attention_res])
+    with controlled_attention(model.unet, [store]):
+        model.predict(inversion.latents[-1:], t, cond)
+    return store.current(model.defaults.cross_attention_res)[0]
+
+
+def test_learned_tokens_lower_balancing_and_disjoint_losses(tiny_model, dpl_inversion):
+    """Step 0 runs on the noisiest inverted latent, so its losses can be recomputed exactly."""
+    groups = [[CAT], [DOG]]
+    before = _maps(tiny_model, dpl_inversion, _embedding_rows(tiny_model, ["cat", "dog"]), 0)
+    after = _maps(tiny_model, dpl_inversion, dpl_inversion.dynamic_tokens.vectors[0], 0)
+    assert balancing_loss(after, groups) < balancing_loss(before, groups) - 1e-3
+    assert disjoint_loss(after, groups) < disjoint_loss(before, groups)
+    first = dpl_inversion.extras["dpl_trace"][0]["first"]
+    assert first["at"] == pytest.approx(float(balancing_loss(before, groups)), rel=1e-4)
+    assert first["dj"] == pytest.approx(float(disjoint_loss(before, groups)), rel=1e-4)
+
+
+def test_trace_costs_and_settings(tiny_model, dpl_inversion):
+    trace = dpl_inversion.extras["dpl_trace"]
+    assert [step["inner_steps"] for step in trace] == [5] * STEPS
+    assert not any(step["stopped_early"] for step in trace)
+    assert all(step["first"]["bg"] is not None for step in trace)
+    assert trace[0]["first"]["th_at"] is None  # thresholds off in this run
+    evals = dpl_inversion.unet_evals
+    assert evals["dpl_tokens"] == 5 * STEPS
+    assert evals["null_text"] == sum(dpl_inversion.extras["null_inner_steps"]) + 2 * STEPS
+    assert {"dpl_tokens", "dpl_background", "null_text"} <= set(dpl_inversion.timings)
+    settings = dpl_inversion.settings["dpl"]
+    assert settings["words"] == ["cat", "dog"] and settings["token_groups"] == [[CAT], [DOG]]
+    assert settings["background_source"] == "estimated"
+    assert dpl_inversion.dynamic_tokens.vectors.shape == (STEPS, 2, 32)
+
+
+def test_warm_start_and_early_stop_with_loose_thresholds(tiny_model):
+    """Thresholds that every loss meets: no update at any step, the vectors stay the words' own
+    embeddings, and each step costs exactly one UNet call."""
+    loose = DplLossConfig(beta_at=10.0, beta_dj=10.0, beta_bg=10.0)
+    inversion = _invert(tiny_model, words=["dog"], dpl_config=loose)
+    assert [step["inner_steps"] for step in inversion.extras["dpl_trace"]] == [0] * STEPS
+    initial = _embedding_rows(tiny_model, ["dog"])
+    for step in range(STEPS):
+        torch.testing.assert_close(inversion.dynamic_tokens.vectors[step], initial)
+    assert inversion.unet_evals["dpl_tokens"] == STEPS
+
+
+def test_other_words_and_the_model_are_untouched(tiny_model, tiny_model_dir, dpl_inversion):
+    fresh = load_model(tiny_model_dir)
+    for (name, param), original in zip(
+        tiny_model.text_encoder.named_parameters(), fresh.text_encoder.parameters(), strict=True
+    ):
+        assert torch.equal(param, original), name
+    for module in (tiny_model.unet, tiny_model.text_encoder, tiny_model.vae):
+        assert all(p.grad is None and not p.requires_grad for p in module.parameters())
+
+    # Token plus position embeddings, as the transformer receives them.
+    inputs = []
+    encoder = tiny_model.text_encoder
+    embeddings = getattr(encoder, "text_model", encoder).embeddings  # transformers 4.x / 5.x
+    hook = embeddings.register_forward_hook(
+        lambda _m, _i, output: inputs.append(output.detach().clone())
+    )
+    try:
+        for step in range(STEPS):
+            step_embeddings(tiny_model, [PROMPT], dpl_inversion.dynamic_tokens, step, {})
+            step_embeddings(tiny_model, [PROMPT], None, step, {})
+    finally:
+        hook.remove()
+    for step in range(STEPS):
+        learned, plain = inputs[2 * step][0], inputs[2 * step + 1][0]
+        changed = (learned != plain).any(dim=-1).nonzero().flatten().tolist()
+        assert changed == [CAT, DOG]
+        torch.testing.assert_close(
+            learned[[CAT, DOG]] - plain[[CAT, DOG]],
+            dpl_inversion.dynamic_tokens.vectors[step]
+            - _embedding_rows(tiny_model, ["cat", "dog"]),
+        )
+
+
+def test_edit_uses_the_learned_vectors_for_both_prompts(tiny_model, dpl_inversion, monkeypatch):
+    import dpl_edit.inversion as inversion_module
+
+    calls = []
+
+    def spy(model, prompts, token_vectors=None):
+        calls.append((list(prompts), token_vectors))
+        return encode_text(model, prompts, token_vectors)
+
+    monkeypatch.setattr(inversion_module, "encode_text", spy)
+    edit(tiny_model, dpl_inversion, "a cat and a lion", progress=False)
+    assert len(calls) == STEPS
+    vectors = dpl_inversion.dynamic_tokens.vectors
+    for step, (prompts, token_vectors) in enumerate(calls):
+        assert prompts == [PROMPT, "a cat and a lion"]
+        assert set(token_vectors) == {(0, CAT), (0, DOG), (1, CAT)}
+        torch.testing.assert_close(token_vectors[(0, CAT)], vectors[step, 0])
+        torch.testing.assert_close(token_vectors[(1, CAT)], vectors[step, 0])
+        torch.testing.assert_close(token_vectors[(0, DOG)], vectors[step, 1])
+
+
+def test_round_trip_with_masks(tiny_model, dpl_inversion, tmp_path):
+    folder = dpl_inversion.save(tmp_path / "inv")
+    assert {"background.png", "word-cat.png", "word-dog.png"} <= {p.name for p in folder.iterdir()}
+    loaded = Inversion.load(folder, tiny_model)
+    assert loaded.method == "dpl" and loaded.settings == dpl_inversion.settings
+    assert loaded.dynamic_tokens.words == ["cat", "dog"]
+    assert loaded.dynamic_tokens.positions == [[CAT], [DOG]]
+    torch.testing.assert_close(loaded.dynamic_tokens.vectors, dpl_inversion.dynamic_tokens.vectors)
+    assert loaded.extras["dpl_trace"] == dpl_inversion.extras["dpl_trace"]
+    assert loaded.timings == dpl_inversion.timings
+    assert loaded.unet_evals == dpl_inversion.unet_evals
+    for name in ("background", "word-cat", "word-dog"):
+        image = loaded.extras[name]
+        assert image.size == (tiny_model.resolution,) * 2
+        assert np.array_equal(np.asarray(image), np.asarray(dpl_inversion.extras[name]))
+    background = np.asarray(loaded.extras["background"]) > 0
+    cat = np.asarray(loaded.extras["word-cat"]) > 0
+    assert not (background & cat).any()  # a cluster is either a word's or the background
+
+
+def test_one_multi_token_word_from_the_object_list(tiny_model):
+    """One word: the disjoint loss is 0, never NaN; "hippopotamus" is three tokens, each with
+    its own vector; the word is picked from the model's object list."""
+    defaults = dataclasses.replace(tiny_model.defaults, object_words=("hippopotamus", "lion"))
+    model = dataclasses.replace(tiny_model, defaults=defaults)
+    inversion = _invert(model, "a photo of a hippopotamus")
+    tokens = inversion.dynamic_tokens
+    assert tokens.words == ["hippopotamus"] and tokens.positions == [[5, 6, 7]]
+    assert tokens.vectors.shape == (STEPS, 3, 32)
+    assert torch.isfinite(tokens.vectors).all()
+    assert not torch.equal(tokens.vectors[-1], _embedding_rows(model, ["hippopotamus"]))
+    assert all(step["first"]["dj"] == 0.0 for step in inversion.extras["dpl_trace"])
+
+
+def test_no_background_found_skips_the_loss_with_one_warning(tiny_model, caplog):
+    # Threshold 0 lets every cluster be claimed by a word, so nothing is left for background.
+    caplog.set_level(logging.WARNING, logger="dpl_edit.dpl")
+    inversion = _invert(
+        tiny_model, words=["cat", "dog"], background=BackgroundSettings(threshold=0.0)
+    )
+    assert inversion.settings["dpl"]["background_source"] == "estimated: none found"
+    trace = inversion.extras["dpl_trace"]
+    assert all(s["first"]["bg"] is None and s["first"]["bg_skipped"] for s in trace)
+    assert len([r for r in caplog.records if "background" in r.getMessage()]) == 1
+    assert "background" not in inversion.extras and "word-cat" in inversion.extras
+    assert torch.isfinite(inversion.dynamic_tokens.vectors).all()
+
+
+def test_user_mask_and_no_background(tiny_model, tmp_path, caplog):
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[:, :16] = 255
+    Image.fromarray(mask).save(tmp_path / "bg.png")
+    user = _invert(tiny_model, words=["dog"], bg_mask=tmp_path / "bg.png")
+    assert user.settings["dpl"]["background_source"] == "file"
+    assert np.array_equal(np.asarray(user.extras["background"]) > 0, mask > 0)
+    assert all(s["first"]["bg"] is not None for s in user.extras["dpl_trace"])
+
+    caplog.set_level(logging.WARNING, logger="dpl_edit.dpl")
+    off = _invert(tiny_model, words=["dog"], no_bg=True)
+    assert off.settings["dpl"]["background_source"] == "off"
+    assert all(not s["first"]["bg_skipped"] for s in off.extras["dpl_trace"])
+    assert not caplog.records
+    with pytest.raises(DplError, match="contradict"):
+        _invert(tiny_model, words=["dog"], no_bg=True, bg_mask=tmp_path / "bg.png")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"words": ["lion"]}, "word 'lion' is not in the prompt"),
+        ({"words": ["dog", "dog"]}, "named once"),
+        ({}, "no list of object words.*--words"),
+    ],
+)
+def test_user_errors(tiny_model, options, message):
+    with pytest.raises(DplError, match=message):
+        _invert(tiny_model, **options)
+
+
+def test_no_object_word_in_the_prompt_and_options_without_dpl(tiny_model):
+    from conftest import tiny_image
+
+    defaults = dataclasses.replace(tiny_model.defaults, object_words=("lion",))
+    model = dataclasses.replace(tiny_model, defaults=defaults)
+    with pytest.raises(DplError, match="none of this model's object words.*--words"):
+        _invert(model)
+    with pytest.raises(DplError, match="need method 'dpl'"):
+        invert(tiny_model, tiny_image(), PROMPT, method="nti", words=["dog"])
+    with pytest.raises(DplError, match="threshold must be in"):
+        BackgroundSettings(threshold=2.0)
