@@ -185,9 +185,9 @@ def _run_invert(args: argparse.Namespace) -> Summary:
 def _run_edit(args: argparse.Namespace) -> Summary:
     from dpl_edit.inversion import Inversion
 
-    Inversion.load(args.folder)  # a bad folder fails before the model is loaded
+    inversion = Inversion.load(args.folder)  # a bad folder fails before the model loads
     model = _load_model(args)
-    result = _edit(args, model, Inversion.load(args.folder, model))
+    result = _edit(args, model, inversion)  # edit() refuses an inversion of another model
     return _summary({"image": result.save(args.out)}, result.timings, result.unet_evals)
 
 
@@ -268,11 +268,65 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     _add_common(parser)
 
 
+def _run_bench(args: argparse.Namespace) -> Summary:
+    import time
+
+    from dpl_edit.bench.methods import BenchSettings, resolve_methods
+    from dpl_edit.bench.runner import run_bench
+    from dpl_edit.bench.scenes import load_jsonl
+    from dpl_edit.bench.world_set import export_world, world_split
+
+    if args.export_world:
+        path = export_world(args.export_world, args.split, args.limit)
+        return _summary({"scenes": path}, {}, {})
+    resolve_methods(args.methods)  # a bad method or scene list fails before the model loads
+    if args.scenes:
+        scenes = load_jsonl(args.scenes)[: args.limit]
+        scene_set = f"{args.scenes}, {len(scenes)} scenes"
+    else:
+        scenes = world_split(args.split, args.limit)
+        scene_set = f"built-in world {args.split} split, first {len(scenes)} scenes"
+    settings = BenchSettings(
+        steps=args.steps or BenchSettings.steps,
+        guidance=7.5 if args.guidance is None else args.guidance,
+        seed=args.seed,
+    )
+    start = time.perf_counter()
+    run_bench(_load_model(args), scenes, args.out, args.methods, settings, scene_set)
+    outputs = {name: Path(args.out) / name for name in ("report.md", "aggregate.json")}
+    return _summary(outputs, {"bench": time.perf_counter() - start}, {})
+
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from dpl_edit.bench.methods import DEFAULT_METHODS, METHODS, BenchSettings
+
+    parser.add_argument("--split", choices=["val", "test"], default="test",
+                        help="built-in world split (val: choosing defaults; test: reporting)")  # fmt: skip
+    parser.add_argument("--scenes", help="external scene list (JSONL) instead of the world")
+    parser.add_argument("--limit", type=int, help="only the first N scenes")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        metavar="METHOD",
+        help=f"any of {', '.join(METHODS)} or all (default: {' '.join(DEFAULT_METHODS)})",
+    )
+    parser.add_argument("--out", default="bench/results", help="results folder (resumable)")
+    parser.add_argument(
+        "--export-world",
+        metavar="DIR",
+        help="write the --split scenes as JSONL + PNGs into DIR and stop",
+    )
+    _add_common(parser)
+    parser.epilog = f"--steps defaults to {BenchSettings.steps} here (cost: README, `dpl bench`)."
+
+
 COMMANDS: list[Command] = [
     Command("invert", "invert a real image (DDIM or null-text inversion)", _invert_arguments, _run_invert),
     Command("edit", "edit an inverted image with Prompt-to-Prompt", _edit_arguments, _run_edit),
     Command("attention", "draw each word's cross-attention", _attention_arguments, _run_attention),
     Command("run", "invert and edit in one go", _run_arguments, _run_run),
+    Command("bench", "leakage benchmark of DDIM, NTI, DPL (+ ablations)", _bench_arguments, _run_bench),
 ]  # fmt: skip
 
 
