@@ -1,0 +1,335 @@
+"""Run the leakage benchmark: invert and edit every scene with every method, measure, report.
+
+Each scene is first brought into the model's space (centre crop and resize of the image, its ideal
+edit and its masks, exactly as `invert` prepares the image), so every metric compares pictures of
+the model's resolution and no method is judged on resampling. Per method the runner inverts the
+source under the source caption, edits towards the target with P2P (same settings and seed for all
+methods) and measures, from the inversion's time-averaged cross-attention and the edit's two
+branches (the source branch is the reconstruction):
+
+- localisation and leakage of each object noun's map against the object masks,
+- reconstruction PSNR, preservation outside the edit region (background and other objects),
+- edit fidelity inside the edit region against the ideal edit, and the checker's verdict on the
+  intended object when the captions are world captions,
+- cost: seconds per stage, UNet evaluations, peak memory.
+
+Results go to `<out>/scenes/<id>.json` as soon as a scene is done, with the edits and attention
+maps beside it, so an interrupted run keeps its finished scenes and a rerun with the same
+settings skips them (a file made with other settings is refused, never mixed in). The report
+(`report.write_report`) is rebuilt from those files at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from dpl_edit import checker, world
+from dpl_edit.atomic import atomic_write_bytes
+from dpl_edit.bench.cost import peak_memory
+from dpl_edit.bench.methods import (
+    BASELINE,
+    DEFAULT_METHODS,
+    BenchMethod,
+    BenchSettings,
+    resolve_methods,
+)
+from dpl_edit.bench.metrics import DEFAULT_THRESHOLDS, iou_curve, leakage, psnr, ssim
+from dpl_edit.bench.report import ExampleRow, write_json, write_report
+from dpl_edit.bench.scenes import BenchScene, caption_words
+from dpl_edit.edit import edit
+from dpl_edit.errors import DplError
+from dpl_edit.images import prepare_image, save_png
+from dpl_edit.inversion import invert
+from dpl_edit.model import LoadedModel
+from dpl_edit.text import find_word, prompt_tokens
+
+ARTICLES = frozenset({"a", "an", "the"})
+"""Never blend words: a colour swap can turn "a" into "an", which says nothing about location."""
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """One method on one scene: the per-scene result dict, the edit and the nouns' maps."""
+
+    result: dict[str, Any]
+    edit: np.ndarray
+    maps: dict[str, torch.Tensor]
+
+
+def _fit_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """A mask cropped and resized like the image (`prepare_image`), then cut at one half."""
+    grey = Image.fromarray(mask.astype(np.uint8) * 255).convert("RGB")
+    return np.asarray(prepare_image(grey, size))[..., 0] >= 128
+
+
+def prepare_scene(scene: BenchScene, size: int) -> BenchScene:
+    """The scene as the model sees it: every image and mask at `size`×`size`."""
+    ideal = scene.ideal_image()
+    return BenchScene(
+        id=scene.id,
+        image=np.asarray(prepare_image(Image.fromarray(scene.source_image()), size)),
+        source=scene.source,
+        target=scene.target,
+        masks={noun: _fit_mask(mask, size) for noun, mask in scene.masks.items()},
+        edited_object=scene.edited_object,
+        ideal=None if ideal is None else np.asarray(prepare_image(Image.fromarray(ideal), size)),
+        edit_region=_fit_mask(scene.changed_region, size),
+    )
+
+
+def _blend_words(scene: BenchScene) -> list[str]:
+    """The edited object's noun and every word the target brings in (its new shape or colour)."""
+    source = set(caption_words(scene.source))
+    new = [w for w in caption_words(scene.target) if w not in source and w not in ARTICLES]
+    return list(dict.fromkeys([scene.edited_object, *new]))
+
+
+def checker_hit(edited: np.ndarray, source: str, target: str) -> bool | None:
+    """Does the checker see the object the target caption asks for? None for non-world captions.
+
+    The intended object is the (colour, shape) pair of the target that the source lacks; the
+    checker works on world-sized pictures, so a smaller model's edit is upscaled first.
+    """
+    wanted = [
+        o for o in checker.caption_objects(target) if o not in checker.caption_objects(source)
+    ]
+    if len(wanted) != 1:
+        return None
+    if edited.shape[:2] != (world.SIZE, world.SIZE):
+        resized = Image.fromarray(edited).resize((world.SIZE, world.SIZE), Image.Resampling.BICUBIC)
+        edited = np.asarray(resized)
+    return checker.check_object(edited, *wanted[0]).ok
+
+
+def noun_maps(model: LoadedModel, prompt: str, attention: torch.Tensor, nouns: Sequence[str]):
+    """Each noun's time-averaged map [res, res]: the mean over the noun's token positions."""
+    maps = {}
+    for noun in nouns:
+        positions = find_word(model.tokenizer, prompt, noun)
+        maps[noun] = attention[..., positions].mean(dim=-1).float()
+    return maps
+
+
+def _pair(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    return {"psnr": psnr(a, b, mask), "ssim": ssim(a, b, mask)}
+
+
+def measure(
+    scene: BenchScene,
+    maps: dict[str, torch.Tensor],
+    reconstruction: np.ndarray,
+    edited: np.ndarray,
+) -> dict[str, Any]:
+    """Localisation, leakage, reconstruction, preservation and edit fidelity of one method.
+
+    `scene` is in model space (`prepare_scene`); images are H×W×3 uint8 of the same size.
+    """
+    source, region = scene.source_image(), scene.changed_region
+    background = scene.background_mask
+    curves, shares = {}, {}
+    for noun, attn in maps.items():
+        mask = scene.masks[noun]
+        curves[noun] = iou_curve(attn, mask, DEFAULT_THRESHOLDS).tolist()
+        shares[noun] = leakage(attn, mask, scene.other_objects_mask(noun), background)._asdict()
+    ideal = scene.ideal_image()
+    fidelity = None
+    if ideal is not None:
+        fidelity = {
+            **_pair(edited, ideal, region),
+            "checker_hit": checker_hit(edited, scene.source, scene.target),
+        }
+    others = scene.other_objects_mask(scene.edited_object)
+    return {
+        "localisation": {"iou_curves": curves},
+        "leakage": shares,
+        "reconstruction": {"psnr": psnr(reconstruction, source)},
+        "preservation": {
+            "background": _pair(source, edited, background & ~region),
+            "other_objects": _pair(source, edited, others & ~region),
+        },
+        "edit_fidelity": fidelity,
+    }
+
+
+def run_method(
+    model: LoadedModel, method: BenchMethod, scene: BenchScene, settings: BenchSettings
+) -> MethodRun:
+    """Invert and edit a model-space scene with one method, then measure it."""
+    torch.manual_seed(settings.seed)
+    tokens = model.tokenizer
+    same_length = len(prompt_tokens(tokens, scene.source)) == len(
+        prompt_tokens(tokens, scene.target)
+    )
+    start = time.perf_counter()
+    with peak_memory(model.device) as memory:
+        inversion = invert(
+            model,
+            Image.fromarray(scene.source_image()),
+            scene.source,
+            method=method.inversion,
+            steps=settings.steps,
+            guidance=settings.guidance,
+            progress=False,
+            **method.invert_kwargs(list(scene.masks)),
+        )
+        result = edit(
+            model,
+            inversion,
+            scene.target,
+            mode="replace" if same_length else "refine",
+            blend=_blend_words(scene) if settings.blend else None,
+            cross_replace_steps=settings.cross_replace_steps,
+            self_replace_steps=settings.self_replace_steps,
+            progress=False,
+        )
+    seconds = {**inversion.timings, **result.timings, "total": time.perf_counter() - start}
+    maps = noun_maps(model, scene.source, inversion.attention, list(scene.masks))
+    edited, reconstruction = np.asarray(result.image), np.asarray(result.source)
+    metrics = measure(scene, maps, reconstruction, edited)
+    metrics["cost"] = {
+        "seconds": seconds,
+        "unet_evals": sum(inversion.unet_evals.values()) + sum(result.unet_evals.values()),
+        "peak_memory_mb": memory["peak_memory_mb"],
+    }
+    return MethodRun(metrics, edited, maps)
+
+
+def scene_stem(scene_id: str) -> str:
+    """A file name for a scene id: the id itself when safe, else a cleaned id plus its hash."""
+    clean = re.sub(r"[^A-Za-z0-9._-]", "_", scene_id)
+    if clean == scene_id and not scene_id.startswith("."):
+        return scene_id
+    return f"{clean.lstrip('.')}-{hashlib.sha256(scene_id.encode()).hexdigest()[:8]}"
+
+
+class SceneStore:
+    """The per-scene files of one output folder: results JSON, edit PNGs, attention maps."""
+
+    def __init__(self, out_dir: Path, settings: dict[str, Any]):
+        self.root = out_dir / "scenes"
+        self.settings = settings
+
+    def _json(self, scene_id: str) -> Path:
+        return self.root / f"{scene_stem(scene_id)}.json"
+
+    def _artifact(self, scene_id: str, method: str, suffix: str) -> Path:
+        return self.root / scene_stem(scene_id) / f"{method}{suffix}"
+
+    def load(self, scene_id: str) -> dict[str, Any]:
+        """The scene's finished methods (empty if none); refuses results of other settings."""
+        path = self._json(scene_id)
+        if not path.is_file():
+            return {"id": scene_id, "settings": self.settings, "methods": {}}
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("settings") != self.settings:
+            raise DplError(
+                f"{path} was made with other settings ({record.get('settings')}); use another"
+                " --out folder or delete it"
+            )
+        return record
+
+    def save(self, record: dict[str, Any], method: str, run: MethodRun) -> None:
+        """Add one method's results; artifacts first, so the JSON never names missing files."""
+        scene_id = record["id"]
+        save_png(Image.fromarray(run.edit), self._artifact(scene_id, method, ".png"))
+        maps = {noun: m.contiguous() for noun, m in run.maps.items()}
+        atomic_write_bytes(
+            self._artifact(scene_id, method, ".safetensors"), safetensors.torch.save(maps)
+        )
+        record["methods"][method] = run.result
+        write_json(self._json(scene_id), record)
+
+    def edit_image(self, scene_id: str, method: str) -> np.ndarray:
+        with Image.open(self._artifact(scene_id, method, ".png")) as image:
+            return np.asarray(image.convert("RGB"))
+
+    def maps(self, scene_id: str, method: str) -> dict[str, torch.Tensor]:
+        data = self._artifact(scene_id, method, ".safetensors").read_bytes()
+        return safetensors.torch.load(data)
+
+
+def _example_row(store: SceneStore, scene: BenchScene, methods: Sequence[str]) -> ExampleRow:
+    """Source, ideal, each method's edit and each method's map of the edited noun."""
+    noun = scene.edited_object
+    return ExampleRow(
+        scene_id=f"{scene.id} ({noun})",
+        source=scene.source_image(),
+        ideal=scene.ideal_image(),
+        edits={m: store.edit_image(scene.id, m) for m in methods},
+        attention={f"{m}: edited noun": store.maps(scene.id, m)[noun] for m in methods},
+    )
+
+
+def _preamble(
+    model: LoadedModel, methods: Sequence[BenchMethod], settings: BenchSettings, scene_set: str
+) -> list[str]:
+    lines = [
+        f"Scenes: {scene_set}. Model: `{model.identity}` ({model.resolution}px) on"
+        f" {model.device.type} ({platform.machine()}, {torch.get_num_threads()} torch threads).",
+        f"Settings: {json.dumps(asdict(settings))}.",
+        "",
+        "Methods (all edited with Prompt-to-Prompt, same settings and seed):",
+        "",
+    ]
+    return lines + [f"- `{m.name}`: {m.description}" for m in methods]
+
+
+def run_bench(
+    model: LoadedModel,
+    scenes: Sequence[BenchScene],
+    out_dir: str | Path,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    settings: BenchSettings | None = None,
+    scene_set: str = "scene list",
+    examples: int = 4,
+    progress: bool = True,
+) -> dict:
+    """Benchmark `methods` on `scenes`, resuming from `out_dir`; return the aggregate.
+
+    `scene_set` describes the scenes in the report (e.g. "world test split, first 20").
+    """
+    settings = settings or BenchSettings()
+    chosen = resolve_methods(methods)
+    if not scenes:
+        raise DplError("no scenes to run")
+    for scene in scenes:  # refuse a caption the model cannot take before hours of work
+        try:
+            prompt_tokens(model.tokenizer, scene.source)
+            prompt_tokens(model.tokenizer, scene.target)
+        except DplError as e:
+            raise DplError(f"scene '{scene.id}': {e}") from None
+    out_dir = Path(out_dir)
+    store = SceneStore(out_dir, {**asdict(settings), "model": model.identity})
+    names = [m.name for m in chosen]
+    per_scene, prepared_examples = [], []
+    for scene in tqdm(scenes, desc="bench", unit="scene", disable=not progress):
+        prepared = prepare_scene(scene, model.resolution)
+        record = store.load(scene.id)
+        for method in chosen:
+            if method.name not in record["methods"]:
+                store.save(record, method.name, run_method(model, method, prepared, settings))
+        per_scene.append({"id": scene.id, "methods": {n: record["methods"][n] for n in names}})
+        if len(prepared_examples) < examples:
+            prepared_examples.append(prepared)
+    return write_report(
+        out_dir,
+        per_scene,
+        baseline=BASELINE if BASELINE in names and len(names) > 1 else None,
+        title="Leakage benchmark",
+        preamble=_preamble(model, chosen, settings, scene_set),
+        examples=[_example_row(store, s, names) for s in prepared_examples],
+    )
