@@ -76,6 +76,59 @@ def _add_inversion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resize", action="store_true", help="stretch non-square images instead of cropping"
     )
+    _add_dpl_options(parser)
+
+
+def _add_dpl_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Dynamic Prompt Learning (--method dpl)")
+    group.add_argument("--words", nargs="+", metavar="WORD",
+                       help="words that get dynamic tokens (default: the prompt's words in the "
+                       "model's object list)")  # fmt: skip
+    group.add_argument("--bg-mask", metavar="FILE",
+                       help="background mask (white = background) instead of estimating one")  # fmt: skip
+    group.add_argument("--no-bg", action="store_true", help="no background-leakage loss")
+    group.add_argument("--no-at", action="store_true", help="no attention-balancing loss")
+    group.add_argument("--no-dj", action="store_true", help="no disjoint-object loss")
+    group.add_argument("--lambda-at", type=float, metavar="W",
+                       help="weight of the balancing loss (1.0)")  # fmt: skip
+    group.add_argument("--lambda-dj", type=float, metavar="W",
+                       help="weight of the disjoint loss (0.05)")  # fmt: skip
+    group.add_argument("--lambda-bg", type=float, metavar="W",
+                       help="weight of the background loss (0.05)")  # fmt: skip
+    group.add_argument("--token-inner-steps", type=int, metavar="N",
+                       help="most token updates per step (21; 0 keeps the words' embeddings)")  # fmt: skip
+    group.add_argument("--no-thresholds", action="store_true",
+                       help="take every inner step, ignoring the loss thresholds (ablation)")  # fmt: skip
+    group.add_argument("--gaussian-formula", choices=["ae-quirk", "standard"],
+                       help="balancing-loss smoothing: the paper code's (ae-quirk) or textbook")  # fmt: skip
+    group.add_argument("--null-text-original", action="store_true",
+                       help="the DPL code's null text: 51 steps from the empty prompt at every "
+                       "step, no early stop (default: NTI's)")  # fmt: skip
+
+
+_DPL_KNOBS = {
+    "lambda_at": "lambda_at",
+    "lambda_dj": "lambda_dj",
+    "lambda_bg": "lambda_bg",
+    "token_inner_steps": "max_inner_steps",
+    "gaussian_formula": "gaussian_formula",
+}
+"""CLI option -> `DplLossConfig` field, for the options that take a value."""
+_DPL_SWITCHES = {"no_at": "use_at", "no_dj": "use_dj", "no_thresholds": "use_thresholds"}
+"""CLI flag -> the `DplLossConfig` switch it turns off."""
+
+
+def _dpl_config(args: argparse.Namespace) -> Any:
+    """DPL's settings from the options given, or None when none was (so that `invert` can
+    refuse them for another method instead of ignoring them)."""
+    from dpl_edit.losses import DplLossConfig
+
+    values = {field: getattr(args, name) for name, field in _DPL_KNOBS.items()}
+    values = {field: value for field, value in values.items() if value is not None}
+    for flag, field in _DPL_SWITCHES.items():
+        if getattr(args, flag):
+            values[field] = False
+    return DplLossConfig(**values) if values else None
 
 
 def _add_edit_options(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +178,7 @@ def _load_model(args: argparse.Namespace):
 
 
 def _invert(args: argparse.Namespace, model, image) -> Any:
+    from dpl_edit.dpl import ORIGINAL_NULL_TEXT
     from dpl_edit.inversion import invert
 
     return invert(
@@ -135,7 +189,22 @@ def _invert(args: argparse.Namespace, model, image) -> Any:
         steps=args.steps or 50,
         guidance=7.5 if args.guidance is None else args.guidance,
         resize=args.resize,
+        null_text=ORIGINAL_NULL_TEXT if args.null_text_original else None,
+        words=args.words,
+        dpl_config=_dpl_config(args),
+        bg_mask=args.bg_mask,
+        no_bg=args.no_bg,
     )
+
+
+def _inner_steps(inversion) -> dict[str, list[int]]:
+    """Inner optimisation steps taken at each denoising step, per stage that has them."""
+    inner = {}
+    if "dpl_trace" in inversion.extras:
+        inner["dpl_tokens"] = [step["inner_steps"] for step in inversion.extras["dpl_trace"]]
+    if "null_inner_steps" in inversion.extras:
+        inner["null_text"] = list(inversion.extras["null_inner_steps"])
+    return inner
 
 
 def _edit(args: argparse.Namespace, model, inversion) -> Any:
@@ -156,7 +225,12 @@ def _edit(args: argparse.Namespace, model, inversion) -> Any:
     )
 
 
-def _summary(outputs: dict[str, Path], seconds: dict[str, float], evals: dict[str, int]) -> Summary:
+def _summary(
+    outputs: dict[str, Path],
+    seconds: dict[str, float],
+    evals: dict[str, int],
+    inner_steps: dict[str, list[int]] | None = None,
+) -> Summary:
     import torch
 
     peak = {"cpu_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -166,6 +240,7 @@ def _summary(outputs: dict[str, Path], seconds: dict[str, float], evals: dict[st
         "outputs": {k: str(v) for k, v in outputs.items()},
         "seconds": seconds,
         "unet_evals": evals,
+        "inner_steps": inner_steps or {},
         "peak_memory": peak,
     }
 
@@ -179,7 +254,9 @@ def _run_invert(args: argparse.Namespace) -> Summary:
     model = _load_model(args)
     inversion = _invert(args, model, image)
     folder = inversion.save(args.out, overwrite=args.overwrite)
-    return _summary({"inversion": folder}, inversion.timings, inversion.unet_evals)
+    return _summary(
+        {"inversion": folder}, inversion.timings, inversion.unet_evals, _inner_steps(inversion)
+    )
 
 
 def _run_edit(args: argparse.Namespace) -> Summary:
@@ -196,11 +273,27 @@ def _run_attention(args: argparse.Namespace) -> Summary:
     from dpl_edit.viz import attention_grid
 
     inversion = Inversion.load(args.folder)
-    label = inversion.method.upper()
-    path = attention_grid(
-        inversion.image, inversion.words, [(label, inversion.attention)], args.out
-    )
+    rows = [(inversion.method.upper(), inversion.attention)]
+    if args.compare:
+        other = Inversion.load(args.compare)
+        _check_comparable(inversion, other, args.compare)
+        rows.append((other.method.upper(), other.attention))
+    path = attention_grid(inversion.image, inversion.words, rows, args.out)
     return _summary({"attention": path}, {}, {})
+
+
+def _check_comparable(inversion, other, folder: str) -> None:
+    """Rows of one grid must show the same words of the same image under the same model."""
+    import numpy as np
+
+    from dpl_edit.model import same_model
+
+    if other.prompt != inversion.prompt:
+        raise DplError(f"'{folder}' inverts '{other.prompt}', not '{inversion.prompt}'")
+    if not same_model(other.model_identity, inversion.model_identity):
+        raise DplError(f"'{folder}' was made with another model ({other.model_identity})")
+    if not np.array_equal(np.asarray(other.image), np.asarray(inversion.image)):
+        raise DplError(f"'{folder}' is an inversion of another image")
 
 
 def _run_run(args: argparse.Namespace) -> Summary:
@@ -227,6 +320,7 @@ def _run_run(args: argparse.Namespace) -> Summary:
         outputs,
         {**inversion.timings, **result.timings},
         {**inversion.unet_evals, **result.unet_evals},
+        _inner_steps(inversion),
     )
 
 
@@ -250,6 +344,11 @@ def _edit_arguments(parser: argparse.ArgumentParser) -> None:
 def _attention_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", help="inversion folder made by `dpl invert`")
     parser.add_argument("--out", required=True, help="attention grid (PNG)")
+    parser.add_argument(
+        "--compare",
+        metavar="FOLDER",
+        help="another inversion of the same image and prompt (e.g. NTI), drawn as a second row",
+    )
     _add_common(parser, model=False)
 
 
@@ -322,7 +421,7 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 COMMANDS: list[Command] = [
-    Command("invert", "invert a real image (DDIM or null-text inversion)", _invert_arguments, _run_invert),
+    Command("invert", "invert a real image (DDIM, null-text inversion or DPL)", _invert_arguments, _run_invert),
     Command("edit", "edit an inverted image with Prompt-to-Prompt", _edit_arguments, _run_edit),
     Command("attention", "draw each word's cross-attention", _attention_arguments, _run_attention),
     Command("run", "invert and edit in one go", _run_arguments, _run_run),

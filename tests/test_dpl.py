@@ -244,3 +244,66 @@ def test_no_object_word_in_the_prompt_and_options_without_dpl(tiny_model):
         invert(tiny_model, tiny_image(), PROMPT, method="nti", words=["dog"])
     with pytest.raises(DplError, match="threshold must be in"):
         BackgroundSettings(threshold=2.0)
+
+
+def _cli_error(capsys, argv) -> str:
+    from dpl_edit.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--method", "dpl", "--words", "lion"], "word 'lion' is not in the prompt"),
+        (["--method", "dpl"], "no list of object words; name the words to learn with --words"),
+        (["--words", "dog"], "need method 'dpl'"),
+        (["--lambda-at", "2"], "need method 'dpl'"),
+        (["--method", "dpl", "--words", "dog", "--no-bg", "--bg-mask", "m.png"], "contradict"),
+    ],
+)
+def test_cli_errors(tiny_model_dir, image_file, tmp_path, capsys, options, message):
+    argv = ["invert", str(image_file), "--prompt", PROMPT, "--out", str(tmp_path / "inv")]
+    err = _cli_error(capsys, [*argv, "--model", str(tiny_model_dir), "--steps", "2", *options])
+    assert message in err
+    assert not (tmp_path / "inv").exists()
+
+
+def test_cli_run_and_attention_comparison(tiny_model_dir, image_file, tmp_path, capsys):
+    import json
+
+    from dpl_edit.cli import main
+
+    common = ["--model", str(tiny_model_dir), "--steps", str(STEPS), "--json"]
+    argv = ["run", str(image_file), "--prompt", PROMPT, "--target", "a cat and a lion"]
+    argv += ["--out", str(tmp_path / "e.png"), "--method", "dpl", "--words", "cat", "dog"]
+    argv += ["--token-inner-steps", "2", "--no-thresholds", "--gaussian-formula", "standard"]
+    assert main(argv + common) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["inner_steps"]["dpl_tokens"] == [2] * STEPS
+    assert len(summary["inner_steps"]["null_text"]) == STEPS
+    assert summary["unet_evals"]["dpl_tokens"] == 2 * STEPS
+    folder = tmp_path / "e_inversion"
+    assert {"background.png", "word-cat.png", "word-dog.png"} <= {p.name for p in folder.iterdir()}
+    losses = Inversion.load(folder).settings["dpl"]["losses"]
+    assert losses["gaussian_formula"] == "standard" and losses["max_inner_steps"] == 2
+
+    argv = ["invert", str(image_file), "--prompt", PROMPT, "--out", str(tmp_path / "nti")]
+    assert main(argv + common) == 0
+    capsys.readouterr()
+    single, double = tmp_path / "one.png", tmp_path / "two.png"
+    assert main(["attention", str(folder), "--out", str(single)]) == 0
+    assert (
+        main(["attention", str(folder), "--compare", str(tmp_path / "nti"), "--out", str(double)])
+        == 0
+    )
+    assert Image.open(double).height > 1.5 * Image.open(single).height
+
+    argv = ["invert", str(image_file), "--prompt", "a dog and a cat", "--out", str(tmp_path / "o")]
+    assert main(argv + common) == 0
+    capsys.readouterr()
+    argv = ["attention", str(folder), "--compare", str(tmp_path / "o"), "--out", str(double)]
+    assert "inverts 'a dog and a cat', not 'a cat and a dog'" in _cli_error(capsys, argv)
