@@ -12,7 +12,7 @@ from PIL import Image
 
 from dpl_edit.attention import CrossAttentionStore, controlled_attention
 from dpl_edit.ddim import Ddim
-from dpl_edit.dpl import BackgroundSettings
+from dpl_edit.dpl import ORIGINAL_NULL_TEXT, BackgroundSettings
 from dpl_edit.edit import edit
 from dpl_edit.errors import DplError
 from dpl_edit.inversion import Inversion, invert, step_embeddings
@@ -92,12 +92,13 @@ def test_warm_start_and_early_stop_with_loose_thresholds(tiny_model):
     """Thresholds that every loss meets: no update at any step, the vectors stay the words' own
     embeddings, and each step costs exactly one UNet call."""
     loose = DplLossConfig(beta_at=10.0, beta_dj=10.0, beta_bg=10.0)
-    inversion = _invert(tiny_model, words=["dog"], dpl_config=loose)
+    inversion = _invert(tiny_model, words=["dog"], dpl_config=loose, null_text=ORIGINAL_NULL_TEXT)
     assert [step["inner_steps"] for step in inversion.extras["dpl_trace"]] == [0] * STEPS
     initial = _embedding_rows(tiny_model, ["dog"])
     for step in range(STEPS):
         torch.testing.assert_close(inversion.dynamic_tokens.vectors[step], initial)
     assert inversion.unet_evals["dpl_tokens"] == STEPS
+    assert inversion.extras["null_inner_steps"] == [51] * STEPS  # the original code's null text
 
 
 def test_other_words_and_the_model_are_untouched(tiny_model, tiny_model_dir, dpl_inversion):
@@ -133,7 +134,20 @@ def test_other_words_and_the_model_are_untouched(tiny_model, tiny_model_dir, dpl
         )
 
 
-def test_edit_uses_the_learned_vectors_for_both_prompts(tiny_model, dpl_inversion, monkeypatch):
+@pytest.mark.parametrize(
+    ("target", "options", "target_slots"),
+    [
+        ("a cat and a lion", {}, {CAT: 0}),  # word swap
+        ("a big cat and a dog", {"mode": "refine"}, {CAT + 1: 0, DOG + 1: 1}),
+        ("a cat and a dog", {"reweight": {"dog": 2.0}}, {CAT: 0, DOG: 1}),
+        ("a cat and a lion", {"blend": ["dog", "lion"]}, {CAT: 0}),
+    ],
+)
+def test_edit_uses_the_learned_vectors_for_both_prompts(
+    tiny_model, dpl_inversion, monkeypatch, target, options, target_slots
+):
+    """Every P2P mode encodes source and target with the step's vectors (`target_slots`: the
+    target positions of the learned words -> their row)."""
     import dpl_edit.inversion as inversion_module
 
     calls = []
@@ -143,15 +157,16 @@ def test_edit_uses_the_learned_vectors_for_both_prompts(tiny_model, dpl_inversio
         return encode_text(model, prompts, token_vectors)
 
     monkeypatch.setattr(inversion_module, "encode_text", spy)
-    edit(tiny_model, dpl_inversion, "a cat and a lion", progress=False)
+    edit(tiny_model, dpl_inversion, target, progress=False, **options)
     assert len(calls) == STEPS
     vectors = dpl_inversion.dynamic_tokens.vectors
     for step, (prompts, token_vectors) in enumerate(calls):
-        assert prompts == [PROMPT, "a cat and a lion"]
-        assert set(token_vectors) == {(0, CAT), (0, DOG), (1, CAT)}
-        torch.testing.assert_close(token_vectors[(0, CAT)], vectors[step, 0])
-        torch.testing.assert_close(token_vectors[(1, CAT)], vectors[step, 0])
-        torch.testing.assert_close(token_vectors[(0, DOG)], vectors[step, 1])
+        assert prompts == [PROMPT, target]
+        expected = {(0, CAT): 0, (0, DOG): 1}
+        expected.update({(1, position): row for position, row in target_slots.items()})
+        assert set(token_vectors) == set(expected)
+        for slot, row in expected.items():
+            torch.testing.assert_close(token_vectors[slot], vectors[step, row])
 
 
 def test_round_trip_with_masks(tiny_model, dpl_inversion, tmp_path):
