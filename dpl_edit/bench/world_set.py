@@ -31,7 +31,11 @@ _SWAP_STREAM = 1  # second random stream per scene, for the edit, independent of
 
 
 def world_scene(split: str, index: int) -> BenchScene:
-    """Scene `index` of a split: its render, masks, word swap, ideal edit and edit region."""
+    """Scene `index` of a split: its render, masks, word swap, ideal edit and edit region.
+
+    The edit region is the union of the edited object's old and new masks plus every pixel the
+    ideal edit changes, so outside it the ideal edit equals the source exactly.
+    """
     seed = SPLIT_SEEDS[split]
     scene = world.scene_at(seed, index, n_objects=2 + index % 2)
     edited_shape, ideal, target = world.swap_target(
@@ -39,6 +43,9 @@ def world_scene(split: str, index: int) -> BenchScene:
     )
     render, ideal_render = scene.render(), ideal.render()
     new_shape = next(o.shape for o in ideal.objects if o not in scene.objects)
+    # Masks keep pixels more than half covered; the antialiased fringe beyond them (a star's
+    # thin tips reach several pixels out) also changes, so it belongs to the region too.
+    fringe = np.any(ideal_render.image != render.image, axis=-1)
     return BenchScene(
         id=f"{split}-{index:03d}",
         image=render.image,
@@ -47,7 +54,7 @@ def world_scene(split: str, index: int) -> BenchScene:
         masks=render.masks,
         edited_object=edited_shape,
         ideal=ideal_render.image,
-        edit_region=render.masks[edited_shape] | ideal_render.masks[new_shape],
+        edit_region=render.masks[edited_shape] | ideal_render.masks[new_shape] | fringe,
     )
 
 

@@ -1,0 +1,185 @@
+"""The benchmark runner: the built-in world set, a tiny end-to-end run, JSONL path and resuming.
+
+Runs use a tiny random model (conftest's builder with the world's vocabulary, so world captions
+fit) at two DDIM steps: the numbers mean nothing, but every file, schema field and code path of a
+real run is exercised, and CPU runs are deterministic, so two paths to the same scene must agree.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_tiny_sd
+
+from dpl_edit import cli, world
+from dpl_edit.bench import runner
+from dpl_edit.bench.methods import BenchSettings, resolve_methods
+from dpl_edit.bench.scenes import caption_words, load_jsonl
+from dpl_edit.bench.world_set import SPLIT_SIZE, export_world, world_split
+from dpl_edit.errors import DplError
+from dpl_edit.model import LoadedModel, load_model
+
+SETTINGS = BenchSettings(steps=2)
+METHODS = ["ddim", "nti"]
+
+
+@pytest.fixture(scope="module")
+def world_model(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    folder = tmp_path_factory.mktemp("tiny-world") / "tiny-world"
+    return load_model(build_tiny_sd(folder, words=list(world.VOCABULARY), text_len=24))
+
+
+@pytest.fixture(scope="module")
+def bench_out(world_model: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished two-scene run of DDIM and NTI (shared: the runs are the slow part)."""
+    out = tmp_path_factory.mktemp("bench") / "results"
+    scenes = world_split("test", 2)
+    runner.run_bench(world_model, scenes, out, METHODS, SETTINGS, examples=2, progress=False)
+    return out
+
+
+def test_world_splits_are_deterministic_disjoint_and_mixed():
+    a, b = world_split("val", 6), world_split("val", 6)
+    for x, y in zip(a, b, strict=True):
+        assert (x.id, x.source, x.target, x.edited_object) == (
+            y.id,
+            y.source,
+            y.target,
+            y.edited_object,
+        )
+        np.testing.assert_array_equal(x.source_image(), y.source_image())
+        np.testing.assert_array_equal(x.ideal_image(), y.ideal_image())
+    assert len(world_split("test")) == len(world_split("val")) == SPLIT_SIZE >= 100
+    val, test = world_split("val", 30), world_split("test", 30)
+    assert not {s.id for s in val} & {s.id for s in test}
+    val_images = {s.source_image().tobytes() for s in val}
+    assert not any(s.source_image().tobytes() in val_images for s in test)
+    assert [len(s.masks) for s in val[:4]] == [2, 3, 2, 3]
+    with pytest.raises(DplError, match="unknown split 'train'"):
+        world_split("train")
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_ideal_edit_changes_only_the_edit_region(index: int):
+    scene = world_split("test", index + 1)[index]
+    region, edited = scene.changed_region, scene.masks[scene.edited_object]
+    assert (edited & ~region).sum() == 0 and region.sum() > 0
+    # Outside the region the ideal is the source exactly, so preservation has a true zero.
+    np.testing.assert_array_equal(scene.ideal_image()[~region], scene.source_image()[~region])
+    assert not np.array_equal(scene.ideal_image()[region], scene.source_image()[region])
+    masks = np.stack(list(scene.masks.values()))
+    assert masks.sum(axis=0).max() == 1, "object masks overlap"
+    others = scene.other_objects_mask(scene.edited_object)
+    assert not (others & region).any(), "the edit region covers another object"
+    # One word swapped (a colour swap may also turn "a" into "an").
+    changed = set(caption_words(scene.source)) ^ set(caption_words(scene.target))
+    assert len(changed - runner.ARTICLES) == 2
+    # The checker finds the intended object in the ideal edit, and not in the source.
+    assert runner.checker_hit(scene.ideal_image(), scene.source, scene.target) is True
+    assert runner.checker_hit(scene.source_image(), scene.source, scene.target) is False
+
+
+def test_measure_scores_a_perfect_method_perfectly():
+    scene = runner.prepare_scene(world_split("val", 1)[0], world.SIZE)
+    perfect_maps = {
+        noun: torch.from_numpy(mask.astype(np.float32)) for noun, mask in scene.masks.items()
+    }
+    source, ideal = scene.source_image(), scene.ideal_image()
+    result = runner.measure(scene, perfect_maps, source, ideal)
+    for curve in result["localisation"]["iou_curves"].values():
+        assert curve[1:] == pytest.approx([1.0] * 20)
+    for shares in result["leakage"].values():
+        assert shares == {"outside": 0.0, "other_objects": 0.0, "background": 0.0}
+    assert result["reconstruction"]["psnr"] == 100.0
+    assert result["edit_fidelity"]["psnr"] == 100.0
+    assert result["edit_fidelity"]["checker_hit"] is True
+    assert result["preservation"]["other_objects"]["psnr"] == 100.0
+    swapped = {noun: perfect_maps[scene.edited_object] for noun in perfect_maps}
+    other = next(n for n in scene.masks if n != scene.edited_object)
+    assert runner.measure(scene, swapped, source, ideal)["leakage"][other]["outside"] == 1.0
+
+
+def test_run_writes_scene_files_report_and_pictures(bench_out: Path):
+    for name in ("per_scene.json", "aggregate.json", "report.md"):
+        assert (bench_out / name).is_file()
+    for name in ("iou_curves.png", "leakage.png", "examples.png"):
+        assert (bench_out / name).read_bytes().startswith(b"\x89PNG")
+    per_scene = json.loads((bench_out / "per_scene.json").read_text())
+    assert [s["id"] for s in per_scene] == ["test-000", "test-001"]
+    scene = world_split("test", 1)[0]
+    for method in METHODS:
+        result = per_scene[0]["methods"][method]
+        assert set(result["localisation"]["iou_curves"]) == set(scene.masks)
+        assert all(len(c) == 21 for c in result["localisation"]["iou_curves"].values())
+        for shares in result["leakage"].values():
+            assert shares["outside"] == pytest.approx(
+                shares["other_objects"] + shares["background"]
+            )
+        assert set(result["preservation"]) == {"background", "other_objects"}
+        assert result["edit_fidelity"]["checker_hit"] in (True, False)
+        assert result["cost"]["peak_memory_mb"] > 0
+        assert (bench_out / "scenes" / "test-000" / f"{method}.png").is_file()
+    ddim, nti = (per_scene[0]["methods"][m]["cost"] for m in METHODS)
+    assert ddim["unet_evals"] == 2 * SETTINGS.steps  # inversion + edit, one call per step
+    assert nti["unet_evals"] > ddim["unet_evals"] and "null_text" in nti["seconds"]
+    aggregate = json.loads((bench_out / "aggregate.json").read_text())
+    assert aggregate["n_scenes"] == 2 and aggregate["baseline"] == "nti"
+    report = (bench_out / "report.md").read_text()
+    assert "| metric | ddim | nti |" in report and "Paired difference from nti" in report
+
+
+def test_exported_jsonl_gives_the_same_results_as_the_built_in_scene(
+    world_model: LoadedModel, bench_out: Path, tmp_path: Path
+):
+    path = export_world(tmp_path / "export", "test", limit=1)
+    scenes = load_jsonl(path)
+    np.testing.assert_array_equal(
+        scenes[0].changed_region, world_split("test", 1)[0].changed_region
+    )
+    out = tmp_path / "from-jsonl"
+    runner.run_bench(world_model, scenes, out, ["ddim"], SETTINGS, progress=False)
+    from_file = json.loads((out / "per_scene.json").read_text())[0]["methods"]["ddim"]
+    built_in = json.loads((bench_out / "per_scene.json").read_text())[0]["methods"]["ddim"]
+    del from_file["cost"], built_in["cost"]
+    assert from_file == built_in
+
+
+def test_rerun_resumes_finished_scenes_and_refuses_other_settings(
+    world_model: LoadedModel, bench_out: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    out = tmp_path / "results"
+    shutil.copytree(bench_out, out)
+    (out / "scenes" / "test-001.json").unlink()  # as if interrupted during the second scene
+    calls: list[tuple[str, str]] = []
+    real_run_method = runner.run_method
+
+    def counting(model, method, scene, settings):
+        calls.append((scene.id, method.name))
+        return real_run_method(model, method, scene, settings)
+
+    monkeypatch.setattr(runner, "run_method", counting)
+    scenes = world_split("test", 2)
+    runner.run_bench(world_model, scenes, out, METHODS, SETTINGS, progress=False)
+    assert calls == [("test-001", "ddim"), ("test-001", "nti")]
+    calls.clear()
+    runner.run_bench(world_model, scenes, out, ["nti"], SETTINGS, progress=False)
+    assert calls == []
+    assert list(json.loads((out / "aggregate.json").read_text())["methods"]) == ["nti"]
+    with pytest.raises(DplError, match="other settings"):
+        runner.run_bench(world_model, scenes, out, METHODS, BenchSettings(steps=3), progress=False)
+
+
+def test_unknown_or_unavailable_methods_fail_before_any_work(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    with pytest.raises(DplError, match="unknown method 'bogus'"):
+        resolve_methods(["nti", "bogus"])
+    assert cli.main(["bench", "--methods", "bogus", "--model", "/nonexistent"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown method 'bogus'")
+    monkeypatch.setattr("dpl_edit.inversion.METHODS", ("ddim", "nti"))
+    with pytest.raises(DplError, match="dpl-bg needs 'dpl' inversion.*does not provide"):
+        resolve_methods(["ddim", "dpl-bg"])
+    assert [m.name for m in resolve_methods(["nti", "ddim", "nti"])] == ["nti", "ddim"]
