@@ -57,7 +57,9 @@ BASELINE = "nti"
 class BenchSettings:
     """Everything shared by all methods; stored with each scene so resuming cannot mix runs."""
 
-    steps: int = 20
+    steps: int = 10
+    """`make bench`'s 20 scenes of three methods fit 45 minutes on 2 cores (README); use 50 for
+    full runs."""
     guidance: float = 7.5
     cross_replace_steps: float = 0.8
     self_replace_steps: float = 0.5
