@@ -115,7 +115,9 @@ def checker_hit(edited: np.ndarray, source: str, target: str) -> bool | None:
     return checker.check_object(edited, *wanted[0]).ok
 
 
-def noun_maps(model: LoadedModel, prompt: str, attention: torch.Tensor, nouns: Sequence[str]):
+def noun_maps(
+    model: LoadedModel, prompt: str, attention: torch.Tensor, nouns: Sequence[str]
+) -> dict[str, torch.Tensor]:
     """Each noun's time-averaged map [res, res]: the mean over the noun's token positions."""
     maps = {}
     for noun in nouns:
@@ -254,10 +256,12 @@ class SceneStore:
         write_json(self._json(scene_id), record)
 
     def edit_image(self, scene_id: str, method: str) -> np.ndarray:
+        """A finished method's edit, read back for the example grid (also after resuming)."""
         with Image.open(self._artifact(scene_id, method, ".png")) as image:
             return np.asarray(image.convert("RGB"))
 
     def maps(self, scene_id: str, method: str) -> dict[str, torch.Tensor]:
+        """A finished method's noun maps {noun: [res, res]}."""
         data = self._artifact(scene_id, method, ".safetensors").read_bytes()
         return safetensors.torch.load(data)
 
