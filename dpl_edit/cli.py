@@ -420,12 +420,26 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = f"--steps defaults to {BenchSettings.steps} here (cost: README, `dpl bench`)."
 
 
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    from dpl_edit.train_world import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_train(args: argparse.Namespace) -> Summary:
+    from dpl_edit.train_world import train
+
+    train(args)
+    return _summary({"model": args.out, "run": args.run}, {}, {})
+
+
 COMMANDS: list[Command] = [
     Command("invert", "invert a real image (DDIM, null-text inversion or DPL)", _invert_arguments, _run_invert),
     Command("edit", "edit an inverted image with Prompt-to-Prompt", _edit_arguments, _run_edit),
     Command("attention", "draw each word's cross-attention", _attention_arguments, _run_attention),
     Command("run", "invert and edit in one go", _run_arguments, _run_run),
     Command("bench", "leakage benchmark of DDIM, NTI, DPL (+ ablations)", _bench_arguments, _run_bench),
+    Command("train-world", "train the bundled model on the synthetic world (resumable)", _train_arguments, _run_train),
 ]  # fmt: skip
 
 

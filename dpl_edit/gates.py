@@ -133,6 +133,59 @@ def sample_sheet(images: list[Image.Image], path: Path, columns: int = 8) -> Non
     sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST).save(path)
 
 
+def model_card(results: dict, training: dict) -> str:
+    """The bundled model's README: what it is, how it was trained, how good it is."""
+    t = TARGETS
+
+    def row(name: str, key: str, fmt: str, target: str) -> str:
+        value = results.get(key)
+        ok = results["passed"].get(key)
+        verdict = "n/a" if ok is None else ("pass" if ok else "**fail**")
+        return f"| {name} | {format(value, fmt)} | {target} | {verdict} |"
+
+    return f"""# dpl-edit world model
+
+A small Stable-Diffusion-format text-to-image model (diffusers `StableDiffusionPipeline`
+folder), trained by the dpl-edit project on its synthetic world of coloured shapes, so that
+inversion, Dynamic Prompt Learning and Prompt-to-Prompt run, are tested and are measured offline
+on a CPU. It is not a general image model: it knows only the world below.
+
+## Vocabulary and data
+- Shapes (the object words, `dpl_defaults.json`): {", ".join(world.SHAPES)}.
+- Colours: {", ".join(world.COLORS)}. Backgrounds: {", ".join(world.BACKGROUNDS)}.
+- Captions: `a red circle and a blue square on a white background`, 1-3 objects with distinct
+  shapes and colours, listed in random order. 64x64 RGB scenes rendered by `dpl_edit.world`
+  (training seed 0; held-out gates use seed {HELD_OUT_SEED}), each with exact object masks.
+- Tokenizer: Stable Diffusion's CLIP BPE reduced to the merges the vocabulary needs (the same
+  token splits as SD for these words), maximum length 24.
+
+## Architecture
+- VAE: AutoencoderKL, 3 levels (32/64/128 channels), downsampling 4, 4 latent channels, no
+  attention; scaling factor from the latent standard deviation.
+- Text encoder: CLIPTextModel, 1 causal transformer layer, width 128, 4 heads.
+- UNet: UNet2DConditionModel on 16x16 latents, widths 64/128/192, cross-attention at the 16x16
+  (4 heads) and 8x8 (8 heads) levels, no attention at 4x4. Scheduler: SD's (scaled_linear
+  0.00085-0.012, 1000 steps), epsilon prediction.
+- Weights stored in float16 (loaded as float32 by dpl-edit).
+
+## Training (`python -m dpl_edit.train_world`, CPU, 2 cores)
+{training.get("summary", "")}
+
+## Quality gates (`python -m dpl_edit.gates --out gates.json`)
+| gate | value | target | |
+|---|---|---|---|
+{row("VAE reconstruction PSNR, 500 held-out scenes (dB)", "vae_psnr", ".2f", f">= {t['vae_psnr']}")}
+{row("generation: captioned shapes in captioned colours, 200 captions", "generation_rate", ".3f", f">= {t['generation_rate']}")}
+{row("null-text inversion reconstruction PSNR (dB)", "nti_psnr", ".2f", f">= {t['nti_psnr']}")}
+{row("object-word attention IoU under NTI (best threshold)", "attention_iou", ".3f", f">= {t['attention_iou']}")}
+
+Attention leakage under NTI (share of an object word's attention outside its object):
+{results["attention_leakage"]:.3f}. The generation gate's checker (`dpl_edit.checker`) judges
+{results["checker_accuracy"]:.1%} of rendered held-out scenes correctly.
+{training.get("notes", "")}
+"""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Measure the bundled model's quality gates.")
     parser.add_argument("--model", default=None, help="model folder (default: bundled)")

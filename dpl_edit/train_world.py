@@ -17,6 +17,9 @@ flat map gives it nothing to repair), so the run measures it from the start: eve
 captions in random object order; a *causal one-layer* text encoder, so a shape token carries
 its colour word and nothing after it; a short text length (24) with few padding tokens; cross-
 attention keys initialised with a larger scale, so attention starts peaked, off the flat spot.
+Those alone left attention flat (the shipped run: IoU 0.07 after 500 steps), so the run can add a
+weak, capped attention hint for a few hundred steps (`--attn-guide-weight`, see
+`attention_guide`) to break the symmetry; the model card says when it was on.
 """
 
 from __future__ import annotations
@@ -38,9 +41,14 @@ from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from dpl_edit import world
+from dpl_edit.attention import CrossAttentionStore, controlled_attention
+from dpl_edit.text import find_word
 from dpl_edit.tokenizer import build_clip_tokenizer
 
 TEXT_LEN = 24
+# Where training runs: the GPU when there is one (set in `main`); random numbers are always drawn
+# on the CPU so a run is reproducible on either.
+DEVICE = torch.device("cpu")
 TRAIN_SEED_OFFSET = 1_000_000  # held-out scenes use indices below this, training above
 
 
@@ -64,6 +72,8 @@ class TrainConfig:
     cfg_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     key_init_scale: float = 3.0
+    attn_guide_weight: float = 0.0
+    attn_guide_target: float = 0.6
     unet_widths: tuple[int, ...] = (64, 128, 192)
     text_width: int = 128
     text_layers: int = 1
@@ -141,7 +151,8 @@ def scene_batch(seed: int, start: int, count: int) -> tuple[torch.Tensor, list[s
     """Scenes `start..start+count` of the world as a [-1, 1] image batch, captions, renders."""
     renders = [world.scene_at(seed, i).render() for i in range(start, start + count)]
     images = np.stack([r.image for r in renders]).astype(np.float32) / 127.5 - 1.0
-    return torch.from_numpy(images).permute(0, 3, 1, 2), [r.caption for r in renders], renders
+    batch = torch.from_numpy(images).permute(0, 3, 1, 2).to(DEVICE)
+    return batch, [r.caption for r in renders], renders
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -218,7 +229,10 @@ def train_vae(cfg: TrainConfig, vae: AutoencoderKL, run: Path) -> float:
         ox, oy = (int(v) for v in torch.randint(0, world.SIZE - c + 1, (2,), generator=gen))
         crops = images[:, :, oy : oy + c, ox : ox + c]
         posterior = vae.encode(crops).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample
+        sample = posterior.mean + posterior.std * torch.randn(
+            posterior.mean.shape, generator=gen
+        ).to(DEVICE)
+        recon = vae.decode(sample).sample
         loss = (
             F.mse_loss(recon, crops) + 0.1 * F.l1_loss(recon, crops) + 1e-6 * posterior.kl().mean()
         )
@@ -289,41 +303,6 @@ def train_decoder(cfg: TrainConfig, vae: AutoencoderKL, run: Path) -> float:
 # ---------------------------------------------------------------- phase 2: UNet + text
 
 
-class CrossAttentionProbe:
-    """Reads the 16x16 cross-attention probabilities of a UNet through forward hooks.
-
-    Only used to *measure* training; the engine has its own attention processors. A forward
-    hook sees each cross-attention module's inputs, from which the probabilities are recomputed
-    with the module's own projections, so training itself stays on the fused fast path.
-    """
-
-    def __init__(self, unet: UNet2DConditionModel, res: int):
-        self.res, self.maps, self.handles = res, [], []
-        for name, module in unet.named_modules():
-            if name.endswith("attn2"):
-                self.handles.append(module.register_forward_hook(self._hook, with_kwargs=True))
-
-    def _hook(self, module, args, kwargs, output):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        context = kwargs.get("encoder_hidden_states")
-        if hidden.shape[1] != self.res * self.res or context is None:
-            return
-        q = module.head_to_batch_dim(module.to_q(hidden))
-        k = module.head_to_batch_dim(module.to_k(context))
-        probs = module.get_attention_scores(q, k)  # [batch*heads, pixels, tokens]
-        self.maps.append(probs.view(hidden.shape[0], module.heads, *probs.shape[1:]).mean(1))
-
-    def pop_mean(self) -> torch.Tensor:
-        """Average of everything recorded since the last call: [batch, pixels, tokens]."""
-        mean = torch.stack(self.maps).mean(0)
-        self.maps = []
-        return mean
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
 def best_iou(attn: np.ndarray, mask: np.ndarray) -> float:
     """Best IoU over thresholds of a max-normalised, nearest-upsampled map with a mask."""
     up = np.kron(attn, np.ones((mask.shape[0] // attn.shape[0],) * 2))
@@ -334,35 +313,26 @@ def best_iou(attn: np.ndarray, mask: np.ndarray) -> float:
     )
 
 
-def word_positions(tokenizer, caption: str, word: str) -> list[int]:
-    """Token positions of `word` in `caption` (after the start token)."""
-    ids = tokenizer(caption).input_ids
-    target = tokenizer(word, add_special_tokens=False).input_ids
-    for i in range(len(ids) - len(target) + 1):
-        if ids[i : i + len(target)] == target:
-            return list(range(i, i + len(target)))
-    raise ValueError(f"{word!r} not in {caption!r}")
-
-
 @torch.no_grad()
 def localisation(unet, text_encoder, tokenizer, vae_scale_latents, renders, captions) -> dict:
     """Mean best-threshold IoU and leakage of shape-word maps on held-out scenes."""
     scheduler = sd_scheduler()
-    probe = CrossAttentionProbe(unet, vae_scale_latents.shape[-1])
-    ids = tokenizer(captions, padding="max_length", max_length=TEXT_LEN, return_tensors="pt")
-    context = text_encoder(ids.input_ids).last_hidden_state
-    gen = torch.Generator().manual_seed(0)
-    for t in (100, 300, 500, 700):
-        noise = torch.randn(vae_scale_latents.shape, generator=gen)
-        ts = torch.full((len(captions),), t, dtype=torch.long)
-        unet(scheduler.add_noise(vae_scale_latents, noise, ts), ts, context)
-    maps = probe.pop_mean()
-    probe.remove()
     res = vae_scale_latents.shape[-1]
+    store = CrossAttentionStore([res])
+    ids = tokenizer(captions, padding="max_length", max_length=TEXT_LEN, return_tensors="pt")
+    context = text_encoder(ids.input_ids.to(DEVICE)).last_hidden_state
+    gen = torch.Generator().manual_seed(0)
+    with controlled_attention(unet, [store]):
+        for t in (100, 300, 500, 700):
+            noise = torch.randn(vae_scale_latents.shape, generator=gen).to(DEVICE)
+            ts = torch.full((len(captions),), t, dtype=torch.long, device=DEVICE)
+            unet(scheduler.add_noise(vae_scale_latents, noise, ts), ts, context)
+            store.end_step()
+    maps = store.average(res).flatten(1, 2).cpu()  # [batch, pixels, tokens]
     ious, leaks = [], []
     for b, render in enumerate(renders):
         for word, mask in render.masks.items():
-            pos = word_positions(tokenizer, captions[b], word)
+            pos = find_word(tokenizer, captions[b], word)
             m = maps[b][:, pos].sum(-1).view(res, res).numpy()
             ious.append(best_iou(m, mask))
             up = np.kron(m, np.ones((mask.shape[0] // res,) * 2))
@@ -372,6 +342,30 @@ def localisation(unet, text_encoder, tokenizer, vae_scale_latents, renders, capt
         "leakage": float(np.mean(leaks)),
         "max_prob": float(maps.max()),
     }
+
+
+def attention_guide(
+    maps: torch.Tensor, renders: list, captions: list[str], tokenizer, target: float
+) -> torch.Tensor:
+    """Weak localisation hint: each object word should put `target` of its mass on its object.
+
+    `maps` [batch, res, res, tokens] are this step's cross-attention probabilities (with grad).
+    A hinge, relu(target - mass inside the object), stops pulling once the share is reached, so
+    maps keep leaking 1 - target of their mass: enough to localise, not so much that there is
+    nothing left for DPL to repair. Only used when plain training leaves attention flat.
+    """
+    res = maps.shape[1]
+    losses = []
+    for b, (render, caption) in enumerate(zip(renders, captions, strict=True)):
+        if not caption:  # dropped for classifier-free guidance
+            continue
+        for word, mask in render.masks.items():
+            word_map = maps[b][..., find_word(tokenizer, caption, word)].sum(-1)
+            share = torch.from_numpy(mask.astype(np.float32)).to(maps.device)
+            share = F.adaptive_avg_pool2d(share[None, None], res)[0, 0]
+            inside = (word_map * share).sum() / word_map.sum().clamp_min(1e-8)
+            losses.append(F.relu(target - inside))
+    return torch.stack(losses).mean() if losses else maps.sum() * 0
 
 
 def train_unet(cfg: TrainConfig, vae, text_encoder, unet, tokenizer, scale: float, run: Path):
@@ -389,19 +383,21 @@ def train_unet(cfg: TrainConfig, vae, text_encoder, unet, tokenizer, scale: floa
         tensors = load_file(str(ckpt))
         _load_prefixed(unet, tensors, "unet")
         _load_prefixed(text_encoder, tensors, "text")
-        ema_unet = {k[9:]: v for k, v in tensors.items() if k.startswith("ema_unet.")}
-        ema_text = {k[9:]: v for k, v in tensors.items() if k.startswith("ema_text.")}
+        ema_unet = {k[9:]: v.to(DEVICE) for k, v in tensors.items() if k.startswith("ema_unet.")}
+        ema_text = {k[9:]: v.to(DEVICE) for k, v in tensors.items() if k.startswith("ema_text.")}
         _load_optimizer(opt, tensors, "opt")
         meta = json.loads(ckpt.with_suffix(".json").read_text())
         step, history = meta["step"], meta["history"]
     scheduler = sd_scheduler()
     alphas = scheduler.alphas_cumprod
-    snr = alphas / (1 - alphas)
+    snr = (alphas / (1 - alphas)).to(DEVICE)
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
     _, eval_captions, eval_renders = scene_batch(cfg.seed, 500, cfg.eval_scenes)
-    eval_images = torch.from_numpy(
-        np.stack([r.image for r in eval_renders]).astype(np.float32) / 127.5 - 1
-    ).permute(0, 3, 1, 2)
+    eval_images = (
+        torch.from_numpy(np.stack([r.image for r in eval_renders]).astype(np.float32) / 127.5 - 1)
+        .permute(0, 3, 1, 2)
+        .to(DEVICE)
+    )
     with torch.no_grad():
         eval_latents = vae.encode(eval_images).latent_dist.mean * scale
     bar = tqdm(range(step, cfg.unet_steps), desc="unet", initial=step, total=cfg.unet_steps)
@@ -409,7 +405,7 @@ def train_unet(cfg: TrainConfig, vae, text_encoder, unet, tokenizer, scale: floa
         warm = min(1.0, (step + 1) / cfg.warmup)
         for g, base in zip(opt.param_groups, (cfg.unet_lr, cfg.text_lr), strict=True):
             g["lr"] = base * warm
-        images, captions, _ = scene_batch(
+        images, captions, renders = scene_batch(
             cfg.seed, TRAIN_SEED_OFFSET + step * cfg.batch_size, cfg.batch_size
         )
         drop = torch.rand(len(captions), generator=gen) < cfg.cfg_dropout
@@ -417,12 +413,23 @@ def train_unet(cfg: TrainConfig, vae, text_encoder, unet, tokenizer, scale: floa
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.mean * scale
         ids = tokenizer(captions, padding="max_length", max_length=TEXT_LEN, return_tensors="pt")
-        context = text_encoder(ids.input_ids).last_hidden_state
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, 1000, (len(captions),), generator=gen)
-        pred = unet(scheduler.add_noise(latents, noise, t), t, context).sample
+        context = text_encoder(ids.input_ids.to(DEVICE)).last_hidden_state
+        noise = torch.randn(latents.shape, generator=gen).to(DEVICE)
+        t = torch.randint(0, 1000, (len(captions),), generator=gen).to(DEVICE)
+        noisy = scheduler.add_noise(latents, noise, t)
+        if cfg.attn_guide_weight > 0:
+            res = latents.shape[-1]
+            store = CrossAttentionStore([res], grad=True)
+            with controlled_attention(unet, [store]):
+                pred = unet(noisy, t, context).sample
+            guide = attention_guide(
+                store.current(res), renders, captions, tokenizer, cfg.attn_guide_target
+            )
+        else:
+            pred, guide = unet(noisy, t, context).sample, torch.zeros(())
         weight = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]
         loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        loss = loss + cfg.attn_guide_weight * guide
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -526,17 +533,30 @@ def export(run: Path, out: Path, cfg: TrainConfig) -> None:
         tmp.rename(out)
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `dpl train-world` (also `python -m dpl_edit.train_world`)."""
+    parser.add_argument("--run", type=Path, default=Path("runs/world"), help="checkpoint folder")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "models" / "world",
+        help="where the finished diffusers folder goes (default: the bundled model)",
+    )  # fmt: skip
+    parser.add_argument("--vae-steps", type=int, help="VAE steps (total, resumable)")
+    parser.add_argument("--unet-steps", type=int, help="UNet steps (total, resumable)")
+    parser.add_argument("--decoder-steps", type=int, help="decoder fine-tuning steps")
+    parser.add_argument("--attn-guide-weight", type=float, help="weak attention hint (0 = off)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of a new run")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    parser.add_argument("--export-only", action="store_true", help="only write --out from --run")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", type=Path, default=Path("runs/world"), help="checkpoint folder")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "models" / "world")
-    parser.add_argument("--vae-steps", type=int)
-    parser.add_argument("--unet-steps", type=int)
-    parser.add_argument("--decoder-steps", type=int)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--export-only", action="store_true")
-    args = parser.parse_args(argv)
+    add_arguments(parser)
+    train(parser.parse_args(argv))
+
+
+def train(args: argparse.Namespace) -> None:
+    """Run (or resume) both phases in `args.run`, then export the model to `args.out`."""
     args.run.mkdir(parents=True, exist_ok=True)
     cfg_path = args.run / "config.json"
     cfg = (
@@ -551,15 +571,20 @@ def main(argv: list[str] | None = None) -> None:
         cfg.unet_steps = args.unet_steps
     if args.decoder_steps is not None:
         cfg.decoder_steps = args.decoder_steps
+    if args.attn_guide_weight is not None:
+        cfg.attn_guide_weight = args.attn_guide_weight
     cfg_path.write_text(json.dumps(asdict(cfg), indent=1))
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    global DEVICE
+    DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.export_only:
         export(args.run, args.out, cfg)
         return
     vae, tokenizer, text_encoder, unet = build_components(cfg)
-    print(f"training on {device}; run folder {args.run}")
+    for module in (vae, text_encoder, unet):
+        module.to(DEVICE)
+    print(f"training on {DEVICE}; run folder {args.run}")
     train_vae(cfg, vae, args.run)
     vae.requires_grad_(False).eval()
     scale = latent_scale(vae, cfg)
