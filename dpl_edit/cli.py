@@ -72,7 +72,7 @@ def _add_common(parser: argparse.ArgumentParser, model: bool = True) -> None:
 def _add_inversion_options(parser: argparse.ArgumentParser) -> None:
     from dpl_edit.inversion import METHODS
 
-    parser.add_argument("--method", choices=METHODS, default="nti", help="inversion method")
+    parser.add_argument("--method", choices=METHODS, default="dpl", help="inversion method")
     parser.add_argument(
         "--resize", action="store_true", help="stretch non-square images instead of cropping"
     )

@@ -29,7 +29,7 @@ from dpl_edit.errors import DplError
 from dpl_edit.images import image_to_tensor, load_image, prepare_image
 from dpl_edit.losses import DplLossConfig
 from dpl_edit.model import LoadedModel, same_model
-from dpl_edit.text import encode_text, find_word, word_spans
+from dpl_edit.text import encode_text, find_word, prompt_tokens, word_spans
 
 if TYPE_CHECKING:
     from dpl_edit.dpl import BackgroundSettings
@@ -333,7 +333,7 @@ def invert(
     model: LoadedModel,
     image: Image.Image | str | Path,
     prompt: str,
-    method: str = "nti",
+    method: str = "dpl",
     steps: int = 50,
     guidance: float = 7.5,
     null_text: NullTextSettings | None = None,
@@ -360,6 +360,7 @@ def invert(
     if method != "dpl" and dpl_options:
         raise DplError(f"words and background options need method 'dpl', not '{method}'")
     null_text = null_text or NullTextSettings()
+    prompt_tokens(model.tokenizer, prompt)  # an over-long prompt is the first thing to report
     plan = None
     if method == "dpl":
         # dpl.py builds on this module, so it is imported when used rather than at the top.

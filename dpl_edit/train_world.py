@@ -263,7 +263,7 @@ def latent_scale(vae: AutoencoderKL, cfg: TrainConfig) -> float:
 
 
 def train_decoder(cfg: TrainConfig, vae: AutoencoderKL, run: Path) -> float:
-    """Fine-tune the VAE decoder on full scenes, encoder frozen; returns held-out PSNR (dB)."""
+    """Fine-tune the VAE decoder with the encoder frozen; returns held-out PSNR (dB)."""
     ckpt = run / "decoder.safetensors"
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     for p in params:
@@ -285,6 +285,7 @@ def train_decoder(cfg: TrainConfig, vae: AutoencoderKL, run: Path) -> float:
         images, _, _ = scene_batch(cfg.seed, start, cfg.batch_size)
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.mean
+        # Whole scenes, not crops: GroupNorm statistics of a crop differ from the full image's.
         recon = vae.decode(latents).sample
         loss = F.mse_loss(recon, images) + 0.1 * F.l1_loss(recon, images)
         opt.zero_grad(set_to_none=True)
@@ -483,7 +484,35 @@ def evaluate_ema(unet, text_encoder, ema_unet, ema_text, tokenizer, latents, ren
         text_encoder.load_state_dict(live_text)
 
 
-# ---------------------------------------------------------------- export
+# ---------------------------------------------------------------- export and re-import
+
+
+def seed_run(model: Path, run: Path, cfg: TrainConfig) -> None:
+    """Start a run folder from a shipped model, so training continues across sessions.
+
+    Checkpoints are not committed (too large); the model folder is. Its weights become both the
+    live and the EMA weights, its step count and history carry over; the optimiser starts fresh.
+    """
+    pipe = StableDiffusionPipeline.from_pretrained(str(model), torch_dtype=torch.float32)
+    training = json.loads((model / "dpl_defaults.json").read_text())["training"]
+    vae_meta = {"step": cfg.vae_steps, "psnr": None, "config": asdict(cfg)}
+    _save_state(run / "vae.safetensors", _prefixed("vae", pipe.vae), vae_meta)
+    if training.get("decoder_steps"):
+        meta = {"step": training["decoder_steps"], "psnr": None, "config": asdict(cfg)}
+        _save_state(run / "decoder.safetensors", _prefixed("vae", pipe.vae), meta)
+    tensors = {
+        **_prefixed("unet", pipe.unet),
+        **_prefixed("text", pipe.text_encoder),
+        **_prefixed("ema_unet", pipe.unet),
+        **_prefixed("ema_text", pipe.text_encoder),
+    }
+    meta = {
+        "step": training["unet_steps"],
+        "scale": pipe.vae.config.scaling_factor,
+        "history": training["history"],
+        "config": asdict(cfg),
+    }
+    _save_state(run / "unet.safetensors", tensors, meta)
 
 
 def export(run: Path, out: Path, cfg: TrainConfig) -> None:
@@ -518,7 +547,12 @@ def export(run: Path, out: Path, cfg: TrainConfig) -> None:
         "self_attention_res": world.SIZE // 4,
         "blend_res": world.SIZE // 8,
         "object_words": list(world.OBJECT_WORDS),
-        "training": {"unet_steps": meta["step"], "history": meta["history"][-1:]},
+        "training": {
+            "unet_steps": meta["step"],
+            "decoder_steps": _step(run / "decoder.json"),
+            "history": meta["history"],
+            "config": asdict(cfg),
+        },
     }
     (tmp / "dpl_defaults.json").write_text(json.dumps(defaults, indent=1))
     if (out / "README.md").exists():
@@ -547,6 +581,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of a new run")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     parser.add_argument("--export-only", action="store_true", help="only write --out from --run")
+    parser.add_argument(
+        "--resume-from", type=Path, metavar="MODEL",
+        help="start an empty --run from a shipped model folder (e.g. the bundled one)",
+    )  # fmt: skip
+
+
+def _step(meta_path: Path) -> int:
+    return json.loads(meta_path.read_text())["step"] if meta_path.exists() else 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -559,11 +601,13 @@ def train(args: argparse.Namespace) -> None:
     """Run (or resume) both phases in `args.run`, then export the model to `args.out`."""
     args.run.mkdir(parents=True, exist_ok=True)
     cfg_path = args.run / "config.json"
-    cfg = (
-        TrainConfig(**json.loads(cfg_path.read_text()))
-        if cfg_path.exists()
-        else TrainConfig(seed=args.seed)
-    )
+    if cfg_path.exists():
+        cfg = TrainConfig(**json.loads(cfg_path.read_text()))
+    elif args.resume_from:  # the shipped model's own recipe, so its weights fit
+        training = json.loads((args.resume_from / "dpl_defaults.json").read_text())["training"]
+        cfg = TrainConfig(**training["config"])
+    else:
+        cfg = TrainConfig(seed=args.seed)
     cfg.unet_widths = tuple(cfg.unet_widths)
     if args.vae_steps is not None:
         cfg.vae_steps = args.vae_steps
@@ -574,6 +618,8 @@ def train(args: argparse.Namespace) -> None:
     if args.attn_guide_weight is not None:
         cfg.attn_guide_weight = args.attn_guide_weight
     cfg_path.write_text(json.dumps(asdict(cfg), indent=1))
+    if args.resume_from and not (args.run / "unet.safetensors").exists():
+        seed_run(args.resume_from, args.run, cfg)
     if args.threads:
         torch.set_num_threads(args.threads)
     global DEVICE

@@ -30,7 +30,7 @@ def inversion_dir(tiny_model_dir, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("cli")
     tiny_image().save(folder / "photo.png")
-    argv = ["invert", str(folder / "photo.png"), "--prompt", "a cat and a dog"]
+    argv = ["invert", str(folder / "photo.png"), "--prompt", "a cat and a dog", "--method", "nti"]
     argv += ["--out", str(folder / "inv"), "--model", str(tiny_model_dir), *FAST]
     assert main(argv) == 0
     return folder / "inv"
@@ -40,6 +40,7 @@ def test_run_writes_everything_and_reports_json(tiny_model_dir, image_file, tmp_
     out = tmp_path / "edit.png"
     argv = ["run", str(image_file), "--prompt", "a cat and a dog", "--target", "a cat and a lion"]
     argv += ["--out", str(out), "--model", str(tiny_model_dir), "--blend", "dog", "lion", "--json"]
+    argv += ["--method", "nti"]
     assert main(argv + FAST) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["command"] == "run"

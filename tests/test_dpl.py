@@ -275,8 +275,9 @@ def _cli_error(capsys, argv) -> str:
     [
         (["--method", "dpl", "--words", "lion"], "word 'lion' is not in the prompt"),
         (["--method", "dpl"], "no list of object words; name the words to learn with --words"),
-        (["--words", "dog"], "need method 'dpl'"),
-        (["--lambda-at", "2"], "need method 'dpl'"),
+        (["--method", "nti", "--words", "dog"], "need method 'dpl'"),
+        (["--method", "nti", "--lambda-at", "2"], "need method 'dpl'"),
+        ([], "no list of object words"),  # DPL is the default method
         (["--method", "dpl", "--words", "dog", "--no-bg", "--bg-mask", "m.png"], "contradict"),
     ],
 )
@@ -307,7 +308,7 @@ def test_cli_run_and_attention_comparison(tiny_model_dir, image_file, tmp_path, 
     assert losses["gaussian_formula"] == "standard" and losses["max_inner_steps"] == 2
 
     argv = ["invert", str(image_file), "--prompt", PROMPT, "--out", str(tmp_path / "nti")]
-    assert main(argv + common) == 0
+    assert main([*argv, "--method", "nti", *common]) == 0
     capsys.readouterr()
     single, double = tmp_path / "one.png", tmp_path / "two.png"
     assert main(["attention", str(folder), "--out", str(single)]) == 0
@@ -318,7 +319,7 @@ def test_cli_run_and_attention_comparison(tiny_model_dir, image_file, tmp_path, 
     assert Image.open(double).height > 1.5 * Image.open(single).height
 
     argv = ["invert", str(image_file), "--prompt", "a dog and a cat", "--out", str(tmp_path / "o")]
-    assert main(argv + common) == 0
+    assert main([*argv, "--method", "nti", *common]) == 0
     capsys.readouterr()
     argv = ["attention", str(folder), "--compare", str(tmp_path / "o"), "--out", str(double)]
     assert "inverts 'a dog and a cat', not 'a cat and a dog'" in _cli_error(capsys, argv)

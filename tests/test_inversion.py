@@ -73,7 +73,9 @@ def test_early_stop_cuts_inner_steps(tiny_model):
     from conftest import tiny_image
 
     loose = NullTextSettings(early_stop=1.0)
-    inversion = invert(tiny_model, tiny_image(), PROMPT, steps=3, null_text=loose, progress=False)
+    inversion = invert(
+        tiny_model, tiny_image(), PROMPT, "nti", steps=3, null_text=loose, progress=False
+    )
     assert inversion.extras["null_inner_steps"] == [1, 1, 1]
 
 
@@ -161,7 +163,7 @@ def test_same_input_gives_identical_inversions(tiny_model):
     from conftest import tiny_image
 
     first, second = (
-        invert(tiny_model, tiny_image(), PROMPT, steps=2, progress=False) for _ in range(2)
+        invert(tiny_model, tiny_image(), PROMPT, "nti", steps=2, progress=False) for _ in range(2)
     )
     assert torch.equal(first.latents, second.latents)
     assert torch.equal(first.null_embeddings, second.null_embeddings)
