@@ -140,7 +140,7 @@ def training_summary(training: dict) -> str:
     lines = [
         f"- VAE: {cfg.get('vae_steps', '?')} steps (batch {cfg.get('batch_size', '?')}, random "
         f"{cfg.get('vae_crop', '?')}x{cfg.get('vae_crop', '?')} crops); decoder fine-tuning "
-        f"(encoder frozen): {training.get('decoder_steps', 0)} steps on crops.",
+        f"(encoder frozen): {training.get('decoder_steps', 0)} steps on whole scenes.",
         f"- UNet + text encoder: {training.get('unet_steps', '?')} steps of batch "
         f"{cfg.get('batch_size', '?')}, AdamW lr {cfg.get('unet_lr', '?')}, warm-up, EMA "
         f"{cfg.get('ema_decay', '?')}, min-SNR {cfg.get('min_snr_gamma', '?')}, CFG dropout "
