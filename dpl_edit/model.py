@@ -184,14 +184,8 @@ def _read_defaults(folder: Path, latent_size: int) -> ModelDefaults:
         raise DplError(f"{file} is not valid: {exc}") from None
 
 
-def _scheduler(folder: Path) -> DDIMScheduler:
-    """DDIM with SD's training schedule; only the prediction type comes from the model."""
-    prediction_type = "epsilon"
-    config_file = folder / "scheduler" / "scheduler_config.json"
-    if config_file.is_file():
-        prediction_type = json.loads(config_file.read_text()).get("prediction_type", "epsilon")
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise DplError(f"unsupported prediction type '{prediction_type}' in {config_file}")
+def sd_ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """DDIM with Stable Diffusion's training schedule (scaled_linear 0.00085-0.012, 1000 steps)."""
     return DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -202,6 +196,17 @@ def _scheduler(folder: Path) -> DDIMScheduler:
         steps_offset=1,
         prediction_type=prediction_type,
     )
+
+
+def _scheduler(folder: Path) -> DDIMScheduler:
+    """DDIM with SD's training schedule; only the prediction type comes from the model."""
+    prediction_type = "epsilon"
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    if config_file.is_file():
+        prediction_type = json.loads(config_file.read_text()).get("prediction_type", "epsilon")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise DplError(f"unsupported prediction type '{prediction_type}' in {config_file}")
+    return sd_ddim_scheduler(prediction_type)
 
 
 @contextmanager

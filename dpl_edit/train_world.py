@@ -35,13 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from dpl_edit import world
 from dpl_edit.attention import CrossAttentionStore, controlled_attention
+from dpl_edit.model import sd_ddim_scheduler
 from dpl_edit.text import find_word
 from dpl_edit.tokenizer import build_clip_tokenizer
 
@@ -133,20 +134,6 @@ def build_components(cfg: TrainConfig):
     return vae, tokenizer, text_encoder, unet
 
 
-def sd_scheduler() -> DDIMScheduler:
-    """Stable Diffusion 1.x's noise schedule and DDIM settings."""
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
-
-
 def scene_batch(seed: int, start: int, count: int) -> tuple[torch.Tensor, list[str], list]:
     """Scenes `start..start+count` of the world as a [-1, 1] image batch, captions, renders."""
     renders = [world.scene_at(seed, i).render() for i in range(start, start + count)]
@@ -236,17 +223,27 @@ def train_vae(cfg: TrainConfig, vae: AutoencoderKL, run: Path) -> float:
         loss = (
             F.mse_loss(recon, crops) + 0.1 * F.l1_loss(recon, crops) + 1e-6 * posterior.kl().mean()
         )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        _update(opt, loss, bar)
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.vae_steps:
-            score = vae_psnr(vae, held_out)
-            tqdm.write(f"vae step {done}: held-out PSNR {score:.2f} dB")
-            meta = {"step": done, "psnr": score, "config": asdict(cfg)}
-            _save_state(ckpt, {**_prefixed("vae", vae), **_optimizer_tensors(opt, "opt")}, meta)
+            score = _vae_checkpoint("vae", ckpt, vae, opt, held_out, done, cfg)
     return vae_psnr(vae, held_out) if math.isnan(score) else score
+
+
+def _update(opt: torch.optim.Optimizer, loss: torch.Tensor, bar: tqdm) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    bar.set_postfix(loss=f"{loss.item():.4f}")
+
+
+def _vae_checkpoint(phase, ckpt, vae, opt, held_out, done: int, cfg: TrainConfig) -> float:
+    """Measure held-out PSNR and save the VAE and its optimiser; returns the PSNR."""
+    score = vae_psnr(vae, held_out)
+    tqdm.write(f"{phase} step {done}: held-out PSNR {score:.2f} dB")
+    meta = {"step": done, "psnr": score, "config": asdict(cfg)}
+    _save_state(ckpt, {**_prefixed("vae", vae), **_optimizer_tensors(opt, "opt")}, meta)
+    return score
 
 
 @torch.no_grad()
@@ -288,16 +285,10 @@ def train_decoder(cfg: TrainConfig, vae: AutoencoderKL, run: Path) -> float:
         # Whole scenes, not crops: GroupNorm statistics of a crop differ from the full image's.
         recon = vae.decode(latents).sample
         loss = F.mse_loss(recon, images) + 0.1 * F.l1_loss(recon, images)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        _update(opt, loss, bar)
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.decoder_steps:
-            score = vae_psnr(vae, held_out)
-            tqdm.write(f"decoder step {done}: held-out PSNR {score:.2f} dB")
-            meta = {"step": done, "psnr": score, "config": asdict(cfg)}
-            _save_state(ckpt, {**_prefixed("vae", vae), **_optimizer_tensors(opt, "opt")}, meta)
+            score = _vae_checkpoint("decoder", ckpt, vae, opt, held_out, done, cfg)
     return score
 
 
@@ -317,7 +308,7 @@ def best_iou(attn: np.ndarray, mask: np.ndarray) -> float:
 @torch.no_grad()
 def localisation(unet, text_encoder, tokenizer, vae_scale_latents, renders, captions) -> dict:
     """Mean best-threshold IoU and leakage of shape-word maps on held-out scenes."""
-    scheduler = sd_scheduler()
+    scheduler = sd_ddim_scheduler()
     res = vae_scale_latents.shape[-1]
     store = CrossAttentionStore([res])
     ids = tokenizer(captions, padding="max_length", max_length=TEXT_LEN, return_tensors="pt")
@@ -389,7 +380,7 @@ def train_unet(cfg: TrainConfig, vae, text_encoder, unet, tokenizer, scale: floa
         _load_optimizer(opt, tensors, "opt")
         meta = json.loads(ckpt.with_suffix(".json").read_text())
         step, history = meta["step"], meta["history"]
-    scheduler = sd_scheduler()
+    scheduler = sd_ddim_scheduler()
     alphas = scheduler.alphas_cumprod
     snr = (alphas / (1 - alphas)).to(DEVICE)
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
@@ -503,8 +494,8 @@ def seed_run(model: Path, run: Path, cfg: TrainConfig) -> None:
     tensors = {
         **_prefixed("unet", pipe.unet),
         **_prefixed("text", pipe.text_encoder),
-        **_prefixed("ema_unet", pipe.unet),
-        **_prefixed("ema_text", pipe.text_encoder),
+        **{k: v.clone() for k, v in _prefixed("ema_unet", pipe.unet).items()},
+        **{k: v.clone() for k, v in _prefixed("ema_text", pipe.text_encoder).items()},
     }
     meta = {
         "step": training["unet_steps"],
@@ -534,7 +525,7 @@ def export(run: Path, out: Path, cfg: TrainConfig) -> None:
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=sd_scheduler(),
+        scheduler=sd_ddim_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from dpl_edit.model import LoadedModel, load_model
+from dpl_edit.model import LoadedModel, load_model, sd_ddim_scheduler
 from dpl_edit.tokenizer import build_clip_tokenizer
 
 torch.set_num_threads(1)
@@ -80,15 +80,7 @@ def build_tiny_sd(
         scaling_factor=5.0,  # the random encoder's posterior has std ~0.2: unit-variance latents
     )
     _calm_down(unet, text_encoder)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    scheduler = sd_ddim_scheduler(prediction_type)
     pipeline = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

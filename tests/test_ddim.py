@@ -4,32 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
 
 from dpl_edit.ddim import Ddim
-
-
-def _scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+from dpl_edit.model import sd_ddim_scheduler
 
 
 def test_sd_timesteps():
-    ddim = Ddim(_scheduler(), 50)
+    ddim = Ddim(sd_ddim_scheduler(), 50)
     assert ddim.timesteps[0] == 981 and ddim.timesteps[-1] == 1 and len(ddim.timesteps) == 50
     assert ddim.stride == 20
-    assert ddim.alpha(-19) == pytest.approx(float(_scheduler().alphas_cumprod[0]))
+    assert ddim.alpha(-19) == pytest.approx(float(sd_ddim_scheduler().alphas_cumprod[0]))
 
 
 def test_inverse_then_forward_step_returns_the_latent():
-    ddim = Ddim(_scheduler(), 50)
+    ddim = Ddim(sd_ddim_scheduler(), 50)
     g = torch.Generator().manual_seed(0)
     latent, eps = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
     for t in (1, 481, 981):
@@ -39,7 +27,7 @@ def test_inverse_then_forward_step_returns_the_latent():
 
 
 def test_forward_step_matches_diffusers():
-    scheduler = _scheduler()
+    scheduler = sd_ddim_scheduler()
     ddim = Ddim(scheduler, 50)
     g = torch.Generator().manual_seed(1)
     latent, eps = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
@@ -49,7 +37,7 @@ def test_forward_step_matches_diffusers():
 
 
 def test_v_prediction_is_converted_to_eps_and_x0():
-    ddim = Ddim(_scheduler("v_prediction"), 50)
+    ddim = Ddim(sd_ddim_scheduler("v_prediction"), 50)
     g = torch.Generator().manual_seed(2)
     x0, eps = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
     t = 481
@@ -60,5 +48,5 @@ def test_v_prediction_is_converted_to_eps_and_x0():
     torch.testing.assert_close(got_eps, eps, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_x0, x0, rtol=1e-5, atol=1e-5)
     # A v-model's step lands where an epsilon-model with the same eps lands.
-    eps_ddim = Ddim(_scheduler(), 50)
+    eps_ddim = Ddim(sd_ddim_scheduler(), 50)
     torch.testing.assert_close(ddim.step(v, t, latent), eps_ddim.step(eps, t, latent))
