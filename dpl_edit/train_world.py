@@ -196,12 +196,7 @@ def train_vae(cfg: TrainConfig, vae: AutoencoderKL, run: Path) -> float:
     """Train the VAE on random crops; returns held-out PSNR (dB) on full scenes."""
     ckpt = run / "vae.safetensors"
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
-    step = 0
-    if ckpt.exists():
-        tensors = load_file(str(ckpt))
-        _load_prefixed(vae, tensors, "vae")
-        _load_optimizer(opt, tensors, "opt")
-        step = json.loads(ckpt.with_suffix(".json").read_text())["step"]
+    step = _resume_vae(ckpt, vae, opt)
     held_out, _, _ = scene_batch(cfg.seed, 0, 64)
     gen = torch.Generator().manual_seed(cfg.seed + step)
     bar = tqdm(range(step, cfg.vae_steps), desc="vae", initial=step, total=cfg.vae_steps)
@@ -237,6 +232,16 @@ def _update(opt: torch.optim.Optimizer, loss: torch.Tensor, bar: tqdm) -> None:
     bar.set_postfix(loss=f"{loss.item():.4f}")
 
 
+def _resume_vae(ckpt: Path, vae: AutoencoderKL, opt: torch.optim.Optimizer) -> int:
+    """Load a VAE checkpoint written by `_vae_checkpoint`, if any; returns the steps done."""
+    if not ckpt.exists():
+        return 0
+    tensors = load_file(str(ckpt))
+    _load_prefixed(vae, tensors, "vae")
+    _load_optimizer(opt, tensors, "opt")
+    return json.loads(ckpt.with_suffix(".json").read_text())["step"]
+
+
 def _vae_checkpoint(phase, ckpt, vae, opt, held_out, done: int, cfg: TrainConfig) -> float:
     """Measure held-out PSNR and save the VAE and its optimiser; returns the PSNR."""
     score = vae_psnr(vae, held_out)
@@ -266,12 +271,7 @@ def train_decoder(cfg: TrainConfig, vae: AutoencoderKL, run: Path) -> float:
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=cfg.decoder_lr)
-    step = 0
-    if ckpt.exists():
-        tensors = load_file(str(ckpt))
-        _load_prefixed(vae, tensors, "vae")
-        _load_optimizer(opt, tensors, "opt")
-        step = json.loads(ckpt.with_suffix(".json").read_text())["step"]
+    step = _resume_vae(ckpt, vae, opt)
     held_out, _, _ = scene_batch(cfg.seed, 0, 64)
     score = float("nan")
     bar = tqdm(
