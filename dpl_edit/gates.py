@@ -146,6 +146,16 @@ def training_summary(training: dict) -> str:
         f"{cfg.get('ema_decay', '?')}, min-SNR {cfg.get('min_snr_gamma', '?')}, CFG dropout "
         f"{cfg.get('cfg_dropout', '?')}, cross-attention keys initialised x{cfg.get('key_init_scale', '?')}.",
     ]
+    if cfg.get("warm_start"):
+        lines.append(
+            f"- Continued from step {cfg['warm_start']} of a shipped model with a fresh optimiser "
+            "(warm-up again)."
+        )
+    if cfg.get("lr_decay_from"):
+        lines.append(
+            f"- From step {cfg['lr_decay_from']} the learning rate followed a cosine down to "
+            f"{cfg.get('lr_floor', 0.1):.0%} at the last step."
+        )
     if history:
         lines.append(
             "- Localisation during training (EMA weights, 24 held-out scenes, "

@@ -68,6 +68,9 @@ class TrainConfig:
     unet_lr: float = 3e-4
     text_lr: float = 3e-4
     warmup: int = 200
+    warm_start: int = 0
+    lr_decay_from: int = 0
+    lr_floor: float = 0.1
     weight_decay: float = 0.01
     ema_decay: float = 0.999
     cfg_dropout: float = 0.1
@@ -360,6 +363,22 @@ def attention_guide(
     return torch.stack(losses).mean() if losses else maps.sum() * 0
 
 
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Multiplier of the UNet and text learning rates at `step`.
+
+    Linear warm-up over `warmup` steps from `warm_start` (the step where the optimiser started
+    fresh: 0, or the shipped model's step count when a run continues from it, since a fresh Adam
+    needs the ramp again), then constant; with `lr_decay_from` > 0 it follows a cosine from that
+    step down to `lr_floor` at the last step, which is what sharpens samples late in training.
+    """
+    factor = min(1.0, (step + 1 - cfg.warm_start) / cfg.warmup)
+    if 0 < cfg.lr_decay_from <= step:
+        span = max(1, cfg.unet_steps - cfg.lr_decay_from)
+        progress = min(1.0, (step - cfg.lr_decay_from) / span)
+        factor *= cfg.lr_floor + (1 - cfg.lr_floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
 def train_unet(cfg: TrainConfig, vae, text_encoder, unet, tokenizer, scale: float, run: Path):
     """Joint UNet + text-encoder training on VAE latents; checkpoints and EMA weights in `run`."""
     ckpt = run / "unet.safetensors"
@@ -394,9 +413,9 @@ def train_unet(cfg: TrainConfig, vae, text_encoder, unet, tokenizer, scale: floa
         eval_latents = vae.encode(eval_images).latent_dist.mean * scale
     bar = tqdm(range(step, cfg.unet_steps), desc="unet", initial=step, total=cfg.unet_steps)
     for step in bar:
-        warm = min(1.0, (step + 1) / cfg.warmup)
+        factor = lr_factor(cfg, step)
         for g, base in zip(opt.param_groups, (cfg.unet_lr, cfg.text_lr), strict=True):
-            g["lr"] = base * warm
+            g["lr"] = base * factor
         images, captions, renders = scene_batch(
             cfg.seed, TRAIN_SEED_OFFSET + step * cfg.batch_size, cfg.batch_size
         )
@@ -484,7 +503,7 @@ def seed_run(model: Path, run: Path, cfg: TrainConfig) -> None:
     Checkpoints are not committed (too large); the model folder is. Its weights become both the
     live and the EMA weights, its step count and history carry over; the optimiser starts fresh.
     """
-    pipe = StableDiffusionPipeline.from_pretrained(str(model), torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(model), dtype=torch.float32)
     training = json.loads((model / "dpl_defaults.json").read_text())["training"]
     vae_meta = {"step": cfg.vae_steps, "psnr": None, "config": asdict(cfg)}
     _save_state(run / "vae.safetensors", _prefixed("vae", pipe.vae), vae_meta)
@@ -545,6 +564,10 @@ def export(run: Path, out: Path, cfg: TrainConfig) -> None:
             "config": asdict(cfg),
         },
     }
+    if (out / "dpl_defaults.json").exists():  # hand-written notes of the model card stay
+        notes = json.loads((out / "dpl_defaults.json").read_text())["training"].get("notes")
+        if notes:
+            defaults["training"]["notes"] = notes
     (tmp / "dpl_defaults.json").write_text(json.dumps(defaults, indent=1))
     if (out / "README.md").exists():
         shutil.copy(out / "README.md", tmp / "README.md")
@@ -569,6 +592,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unet-steps", type=int, help="UNet steps (total, resumable)")
     parser.add_argument("--decoder-steps", type=int, help="decoder fine-tuning steps")
     parser.add_argument("--attn-guide-weight", type=float, help="weak attention hint (0 = off)")
+    parser.add_argument(
+        "--lr-decay-from", type=int, metavar="STEP",
+        help="cosine-decay the UNet/text learning rate from STEP to 10%% at the last step",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of a new run")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     parser.add_argument("--export-only", action="store_true", help="only write --out from --run")
@@ -608,8 +635,15 @@ def train(args: argparse.Namespace) -> None:
         cfg.decoder_steps = args.decoder_steps
     if args.attn_guide_weight is not None:
         cfg.attn_guide_weight = args.attn_guide_weight
+    if args.lr_decay_from is not None:
+        cfg.lr_decay_from = args.lr_decay_from
+    seeding = args.resume_from and not (args.run / "unet.safetensors").exists()
+    if seeding:  # a fresh optimiser on trained weights warms up again
+        cfg.warm_start = json.loads((args.resume_from / "dpl_defaults.json").read_text())[
+            "training"
+        ]["unet_steps"]
     cfg_path.write_text(json.dumps(asdict(cfg), indent=1))
-    if args.resume_from and not (args.run / "unet.safetensors").exists():
+    if seeding:
         seed_run(args.resume_from, args.run, cfg)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,0 +1,113 @@
+"""Training of the bundled model: the learning-rate schedule, seeding, resuming and export.
+
+The real recipe takes hours; these runs use a tiny configuration (a few steps, narrow UNet) that
+exercises the same code path end to end: VAE phase, UNet phase, checkpoints, export to a
+diffusers folder that `load_model` accepts.
+"""
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpl_edit import train_world
+from dpl_edit.model import load_model
+from dpl_edit.train_world import TrainConfig, lr_factor
+
+
+def test_warmup_ramps_linearly_from_the_fresh_optimiser_step():
+    cfg = TrainConfig(warmup=100, unet_steps=1000)
+    assert lr_factor(cfg, 0) == pytest.approx(0.01)
+    assert lr_factor(cfg, 49) == pytest.approx(0.5)
+    assert lr_factor(cfg, 99) == 1.0
+    assert lr_factor(cfg, 999) == 1.0  # no decay requested: constant after warm-up
+    resumed = TrainConfig(warmup=100, unet_steps=1000, warm_start=500)
+    assert lr_factor(resumed, 500) == pytest.approx(0.01)
+    assert lr_factor(resumed, 549) == pytest.approx(0.5)
+
+
+def test_cosine_decay_runs_from_its_start_to_the_floor():
+    cfg = TrainConfig(warmup=10, unet_steps=1100, lr_decay_from=100, lr_floor=0.1)
+    assert lr_factor(cfg, 99) == 1.0
+    assert lr_factor(cfg, 100) == pytest.approx(1.0)
+    halfway = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5))
+    assert lr_factor(cfg, 600) == pytest.approx(halfway)
+    assert lr_factor(cfg, 1100) == pytest.approx(0.1)
+    factors = [lr_factor(cfg, s) for s in range(100, 1100)]
+    assert all(a >= b for a, b in zip(factors, factors[1:], strict=False))
+
+
+def _tiny_run(run: Path, out: Path, unet_steps: int, extra: list[str] | None = None) -> None:
+    """Train (or resume) a tiny configuration in `run`, exporting it to `out`."""
+    if not (run / "config.json").exists():
+        run.mkdir(parents=True)
+        cfg = TrainConfig(
+            seed=3,
+            batch_size=2,
+            vae_steps=2,
+            unet_steps=unet_steps,
+            unet_widths=(32, 32, 32),
+            text_width=32,
+            eval_every=1000,
+            eval_scenes=2,
+            checkpoint_every=1,
+        )
+        (run / "config.json").write_text(json.dumps(asdict(cfg)))
+    args = ["--run", str(run), "--out", str(out), "--unet-steps", str(unet_steps)]
+    train_world.main(args + (extra or []))
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    _tiny_run(root / "a", root / "model_a", 2)
+    _tiny_run(root / "b", root / "model_b", 2)
+    return root
+
+
+def test_same_seed_gives_the_same_weights(tiny_runs):
+    a = load_file(str(tiny_runs / "a" / "unet.safetensors"))
+    b = load_file(str(tiny_runs / "b" / "unet.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_export_is_a_loadable_model_with_its_recipe(tiny_runs):
+    model = load_model(tiny_runs / "model_a")
+    assert model.unet.config.block_out_channels == [32, 32, 32]
+    defaults = json.loads((tiny_runs / "model_a" / "dpl_defaults.json").read_text())
+    assert defaults["training"]["unet_steps"] == 2
+    assert defaults["training"]["config"]["seed"] == 3
+
+
+def test_resume_continues_the_step_count_and_history(tiny_runs, tmp_path):
+    run = tmp_path / "resumed"
+    _tiny_run(run, tmp_path / "model", 1)
+    first = json.loads((run / "unet.json").read_text())
+    before = load_file(str(run / "unet.safetensors"))
+    _tiny_run(run, tmp_path / "model", 3)
+    meta = json.loads((run / "unet.json").read_text())
+    assert (first["step"], meta["step"]) == (1, 3)
+    assert [h["step"] for h in meta["history"]] == [1, 3]
+    after = load_file(str(run / "unet.safetensors"))
+    assert not torch.equal(before["unet.conv_in.weight"], after["unet.conv_in.weight"])
+
+
+def test_resume_from_a_shipped_model_warms_up_a_fresh_optimiser(tiny_runs, tmp_path):
+    run = tmp_path / "continued"
+    train_world.main(
+        ["--run", str(run), "--out", str(tmp_path / "model"), "--unet-steps", "3"]
+        + ["--resume-from", str(tiny_runs / "model_a"), "--lr-decay-from", "2"]
+    )
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["warm_start"], cfg["lr_decay_from"], cfg["unet_steps"]) == (2, 2, 3)
+    assert json.loads((run / "unet.json").read_text())["step"] == 3
+    shipped = load_model(tiny_runs / "model_a").unet.conv_in.weight.float()
+    continued = load_model(tmp_path / "model").unet.conv_in.weight.float()
+    assert continued.shape == shipped.shape
+    assert not torch.equal(continued, shipped)
