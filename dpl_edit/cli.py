@@ -424,6 +424,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     from dpl_edit.train_world import add_arguments
 
     add_arguments(parser)
+    _add_common(parser, model=False)
 
 
 def _run_train(args: argparse.Namespace) -> Summary:

@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from dpl_edit import world
 from dpl_edit.attention import CrossAttentionStore, controlled_attention
+from dpl_edit.errors import DplError
 from dpl_edit.model import sd_ddim_scheduler
 from dpl_edit.text import find_word
 from dpl_edit.tokenizer import build_clip_tokenizer
@@ -609,14 +611,28 @@ def _step(meta_path: Path) -> int:
     return json.loads(meta_path.read_text())["step"] if meta_path.exists() else 0
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_arguments(parser)
-    train(parser.parse_args(argv))
+    try:
+        train(parser.parse_args(argv))
+    except DplError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def train(args: argparse.Namespace) -> None:
     """Run (or resume) both phases in `args.run`, then export the model to `args.out`."""
+    if args.resume_from and not (args.resume_from / "dpl_defaults.json").is_file():
+        raise DplError(
+            f"--resume-from {args.resume_from}: not a world model folder (no dpl_defaults.json)"
+        )
+    if args.export_only and not (args.run / "unet.safetensors").is_file():
+        raise DplError(f"--export-only: {args.run} holds no UNet checkpoint to export")
+    for name in ("vae_steps", "unet_steps", "decoder_steps", "lr_decay_from"):
+        if (getattr(args, name) or 0) < 0:
+            raise DplError(f"--{name.replace('_', '-')} must be >= 0")
     args.run.mkdir(parents=True, exist_ok=True)
     cfg_path = args.run / "config.json"
     if cfg_path.exists():
@@ -666,4 +682,4 @@ def train(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpl_edit import train_world
+from dpl_edit.cli import main
 from dpl_edit.model import load_model
 from dpl_edit.train_world import TrainConfig, lr_factor
 
@@ -57,8 +57,8 @@ def _tiny_run(run: Path, out: Path, unet_steps: int, extra: list[str] | None = N
             checkpoint_every=1,
         )
         (run / "config.json").write_text(json.dumps(asdict(cfg)))
-    args = ["--run", str(run), "--out", str(out), "--unet-steps", str(unet_steps)]
-    train_world.main(args + (extra or []))
+    args = ["train-world", "--run", str(run), "--out", str(out), "--unet-steps", str(unet_steps)]
+    assert main(args + (extra or [])) == 0
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +100,9 @@ def test_resume_continues_the_step_count_and_history(tiny_runs, tmp_path):
 
 def test_resume_from_a_shipped_model_warms_up_a_fresh_optimiser(tiny_runs, tmp_path):
     run = tmp_path / "continued"
-    train_world.main(
-        ["--run", str(run), "--out", str(tmp_path / "model"), "--unet-steps", "3"]
-        + ["--resume-from", str(tiny_runs / "model_a"), "--lr-decay-from", "2"]
-    )
+    args = ["train-world", "--run", str(run), "--out", str(tmp_path / "model")]
+    args += ["--unet-steps", "3", "--resume-from", str(tiny_runs / "model_a")]
+    assert main(args + ["--lr-decay-from", "2"]) == 0
     cfg = json.loads((run / "config.json").read_text())
     assert (cfg["warm_start"], cfg["lr_decay_from"], cfg["unet_steps"]) == (2, 2, 3)
     assert json.loads((run / "unet.json").read_text())["step"] == 3
@@ -111,3 +110,31 @@ def test_resume_from_a_shipped_model_warms_up_a_fresh_optimiser(tiny_runs, tmp_p
     continued = load_model(tmp_path / "model").unet.conv_in.weight.float()
     assert continued.shape == shipped.shape
     assert not torch.equal(continued, shipped)
+
+
+def test_cli_prints_a_json_summary(tiny_runs, capsys):
+    run, out = tiny_runs / "a", tiny_runs / "exported"
+    assert (
+        main(["train-world", "--run", str(run), "--out", str(out), "--export-only", "--json"]) == 0
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["command"] == "train-world"
+    assert Path(summary["outputs"]["model"]) == out
+    assert (out / "unet" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--resume-from", "{tmp}/nowhere"], "not a world model folder"),
+        (["--export-only"], "holds no UNet checkpoint"),
+        (["--unet-steps", "-1"], "--unet-steps must be >= 0"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, message):
+    run = tmp_path / "run"
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert main(["train-world", "--run", str(run), "--out", str(tmp_path / "m"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not run.exists() and not (tmp_path / "m").exists()
