@@ -1,6 +1,6 @@
 """Quality gates of the bundled model, measured on held-out world scenes.
 
-    python -m dpl_edit.gates [--model FOLDER] [--out gates.json] [--quick]
+    python -m dpl_edit.gates [--model FOLDER] [--out gates.json] [--quick] [--card | --card-only]
 
 Four numbers decide whether the model is fit to ship (targets in brackets):
 - VAE reconstruction PSNR on 500 held-out scenes [>= 30 dB];
@@ -161,8 +161,12 @@ def training_summary(training: dict) -> str:
             "- Localisation during training (EMA weights, 24 held-out scenes, "
             "teacher-forced at t = 100..700; IoU / leakage of shape words):"
         )
+        # every checkpoint of the first 1000 steps (where localisation appears), then every 1000
+        shown = [h for h in history if h["step"] <= 1000 or h["step"] % 1000 == 0]
+        if not shown or shown[-1] is not history[-1]:
+            shown.append(history[-1])
         lines += [
-            f"  step {h['step']}: IoU {h['iou']:.3f}, leakage {h['leakage']:.3f}" for h in history
+            f"  step {h['step']}: IoU {h['iou']:.3f}, leakage {h['leakage']:.3f}" for h in shown
         ]
     return "\n".join(lines)
 
@@ -231,10 +235,21 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="write README.md (model card) and samples.png into the model folder",
     )
+    parser.add_argument(
+        "--card-only",
+        action="store_true",
+        help="rewrite README.md from the folder's gates.json and training notes, measure nothing",
+    )
     args = parser.parse_args(argv)
+    folder = Path(args.model) if args.model else BUNDLED_MODEL
+    if args.card_only:
+        gates_json = folder / "gates.json"
+        if not gates_json.is_file():
+            parser.exit(2, f"error: {gates_json} not found: measure with --card first\n")
+        write_card(folder, json.loads(gates_json.read_text()))
+        return
     torch.manual_seed(0)
     model = load_model(args.model)
-    folder = Path(args.model) if args.model else BUNDLED_MODEL
     results = measure(model, args.quick)
     images, captions = results.pop("samples")
     if args.samples:
@@ -247,10 +262,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.card:
         sample_sheet(images, folder / "samples.png")
         atomic_write_bytes(folder / "gates.json", (text + "\n").encode())
-        training = json.loads((folder / "dpl_defaults.json").read_text()).get("training", {})
-        notes = training.get("notes", "")
-        card = model_card(results, {"summary": training_summary(training), "notes": notes})
-        atomic_write_bytes(folder / "README.md", card.encode())
+        write_card(folder, results)
+
+
+def write_card(folder: Path, results: dict) -> None:
+    """The model card from measured gates and the training record in `dpl_defaults.json`."""
+    training = json.loads((folder / "dpl_defaults.json").read_text()).get("training", {})
+    notes = training.get("notes", "")
+    card = model_card(results, {"summary": training_summary(training), "notes": notes})
+    atomic_write_bytes(folder / "README.md", card.encode())
 
 
 if __name__ == "__main__":

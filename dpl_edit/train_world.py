@@ -674,7 +674,9 @@ def train(args: argparse.Namespace) -> None:
     print(f"training on {DEVICE}; run folder {args.run}")
     train_vae(cfg, vae, args.run)
     vae.requires_grad_(False).eval()
-    scale = latent_scale(vae, cfg)
+    unet_meta = args.run / "unet.json"  # a resumed UNet keeps the latent scale it learned with
+    scale = json.loads(unet_meta.read_text())["scale"] if unet_meta.exists() else None
+    scale = scale or latent_scale(vae, cfg)
     train_unet(cfg, vae, text_encoder, unet, tokenizer, scale, args.run)
     if cfg.decoder_steps:
         train_decoder(cfg, vae, args.run)

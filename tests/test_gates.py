@@ -64,3 +64,25 @@ def test_shipped_card_states_the_measured_gates():
 def test_vae_gate_on_a_few_held_out_scenes():
     value = gates.vae_psnr(load_model(), count=8, batch=8)
     assert value >= 28.0  # the full gate (500 scenes) is 30 dB; 8 scenes vary more
+
+
+def test_long_histories_are_thinned_to_the_early_steps_and_every_thousand():
+    history = [{"step": s, "iou": 0.5, "leakage": 0.3} for s in range(250, 5001, 250)]
+    summary = gates.training_summary({"history": history[:-1], "config": {}})
+    steps = [int(m) for m in re.findall(r"step (\d+):", summary)]
+    assert steps == [250, 500, 750, 1000, 2000, 3000, 4000, 4750]
+
+
+def test_card_only_rewrites_the_card_from_gates_json(tmp_path, capsys):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    training = {"unet_steps": 7, "history": [], "config": {"batch_size": 2}, "notes": "\nNOTE-X"}
+    (folder / "dpl_defaults.json").write_text(json.dumps({"training": training}))
+    with pytest.raises(SystemExit) as exit_info:
+        gates.main(["--model", str(folder), "--card-only"])
+    assert exit_info.value.code == 2
+    assert "gates.json not found" in capsys.readouterr().err
+    (folder / "gates.json").write_text(json.dumps(RESULTS))
+    gates.main(["--model", str(folder), "--card-only"])
+    card = (folder / "README.md").read_text()
+    assert "7 steps of batch 2" in card and "NOTE-X" in card and "0.420" in card

@@ -109,6 +109,11 @@ def test_resume_from_a_shipped_model_warms_up_a_fresh_optimiser(tiny_runs, tmp_p
     shipped = load_model(tiny_runs / "model_a").unet.conv_in.weight.float()
     continued = load_model(tmp_path / "model").unet.conv_in.weight.float()
     assert continued.shape == shipped.shape
+    scales = [
+        load_model(f).vae.config.scaling_factor
+        for f in (tiny_runs / "model_a", run.parent / "model")
+    ]
+    assert scales[0] == scales[1]  # the UNet keeps learning with the latent scale it started with
     assert not torch.equal(continued, shipped)
 
 
