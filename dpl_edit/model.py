@@ -145,13 +145,18 @@ def _cached_hub_folder(hub_id: str) -> Path:
 
 
 def _identity(folder: Path, name: str) -> str:
-    """Stable id: name plus a hash of the UNet/text-encoder configs and weight-file sizes.
+    """Stable id: name plus a hash of the UNet/text-encoder/VAE configs and weights.
 
-    Hashing sizes rather than contents keeps this instant for multi-GB weights while still
-    telling apart models with different architectures or retrained weight formats.
+    Retrained weights of the same architecture must get a new id (stored inversions and
+    benchmark results are refused across models), so weight contents count, not only sizes.
+    Files up to 64 MiB are hashed whole; larger ones (SD's multi-GB UNets) by four 1 MiB
+    samples spread over the file plus the size, which keeps loading instant and still changes
+    with any retraining (every tensor moves).
     """
     digest = hashlib.sha256()
-    for component in ("unet", "text_encoder"):
+    for component in ("unet", "text_encoder", "vae"):
+        if not (folder / component).is_dir():
+            continue
         for file in sorted((folder / component).iterdir()):
             if file.name == "config.json":
                 config = json.loads(file.read_text())
@@ -159,7 +164,21 @@ def _identity(folder: Path, name: str) -> str:
                 digest.update(json.dumps(config, sort_keys=True).encode())
             elif file.is_file():
                 digest.update(f"{component}/{file.name}:{file.stat().st_size}".encode())
+                digest.update(_content_sample(file))
     return f"{name}@{digest.hexdigest()[:12]}"
+
+
+def _content_sample(file: Path, whole_limit: int = 64 << 20, chunk: int = 1 << 20) -> bytes:
+    """The file's bytes if small, else four `chunk`-sized samples at evenly spaced offsets."""
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        if size <= whole_limit:
+            return handle.read()
+        samples = []
+        for offset in (0, size // 3, 2 * size // 3, size - chunk):
+            handle.seek(offset)
+            samples.append(handle.read(chunk))
+    return b"".join(samples)
 
 
 def same_model(identity_a: str, identity_b: str) -> bool:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from dpl_edit.errors import DplError
 from dpl_edit.model import ModelDefaults, load_model, same_model
@@ -53,6 +54,33 @@ def test_identity_is_stable_and_tells_models_apart(tiny_model, tiny_model_dir, t
     # The v-prediction copy has the same UNet and text encoder: identity is about those.
     assert same_model(other.identity, tiny_model.identity)
     assert not same_model("x@0123456789ab", tiny_model.identity)
+
+
+def test_retrained_weights_get_a_new_identity(tiny_model, tiny_model_dir, tmp_path):
+    copy = Path(shutil.copytree(tiny_model_dir, tmp_path / "tiny-sd"))
+    weights = next((copy / "unet").glob("*.safetensors"))
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[len(tensors) // 2]
+    tensors[name] = tensors[name] + 1e-3  # same architecture, same file size, other weights
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert (
+        weights.stat().st_size
+        == next((tiny_model_dir / "unet").glob("*.safetensors")).stat().st_size
+    )
+    assert not same_model(load_model(copy).identity, tiny_model.identity)
+
+
+def test_large_weight_files_are_sampled_not_read_whole(tmp_path):
+    from dpl_edit.model import _content_sample
+
+    big = tmp_path / "big.bin"
+    data = bytearray(8 << 20)
+    big.write_bytes(bytes(data))
+    before = _content_sample(big, whole_limit=1 << 20, chunk=1 << 16)
+    assert len(before) == 4 << 16
+    data[(8 << 20) // 3 + 5] = 1  # inside the second sample
+    big.write_bytes(bytes(data))
+    assert _content_sample(big, whole_limit=1 << 20, chunk=1 << 16) != before
 
 
 def test_env_var_and_bundled_fallback(tiny_model_dir, monkeypatch):
