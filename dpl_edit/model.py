@@ -154,9 +154,7 @@ def _identity(folder: Path, name: str) -> str:
     with any retraining (every tensor moves).
     """
     digest = hashlib.sha256()
-    for component in ("unet", "text_encoder", "vae"):
-        if not (folder / component).is_dir():
-            continue
+    for component in ("unet", "text_encoder", "vae"):  # load_model checked they exist
         for file in sorted((folder / component).iterdir()):
             if file.name == "config.json":
                 config = json.loads(file.read_text())

@@ -499,14 +499,14 @@ def evaluate_ema(unet, text_encoder, ema_unet, ema_text, tokenizer, latents, ren
 # ---------------------------------------------------------------- export and re-import
 
 
-def seed_run(model: Path, run: Path, cfg: TrainConfig) -> None:
+def seed_run(model: Path, training: dict, run: Path, cfg: TrainConfig) -> None:
     """Start a run folder from a shipped model, so training continues across sessions.
 
     Checkpoints are not committed (too large); the model folder is. Its weights become both the
-    live and the EMA weights, its step count and history carry over; the optimiser starts fresh.
+    live and the EMA weights, its step count and history (`training`, the record in its
+    `dpl_defaults.json`) carry over; the optimiser starts fresh.
     """
     pipe = StableDiffusionPipeline.from_pretrained(str(model), dtype=torch.float32)
-    training = json.loads((model / "dpl_defaults.json").read_text())["training"]
     vae_meta = {"step": cfg.vae_steps, "psnr": None, "config": asdict(cfg)}
     _save_state(run / "vae.safetensors", _prefixed("vae", pipe.vae), vae_meta)
     if training.get("decoder_steps"):
@@ -634,12 +634,14 @@ def train(args: argparse.Namespace) -> None:
         if (getattr(args, name) or 0) < 0:
             raise DplError(f"--{name.replace('_', '-')} must be >= 0")
     args.run.mkdir(parents=True, exist_ok=True)
+    shipped = None
+    if args.resume_from:
+        shipped = json.loads((args.resume_from / "dpl_defaults.json").read_text())["training"]
     cfg_path = args.run / "config.json"
     if cfg_path.exists():
         cfg = TrainConfig(**json.loads(cfg_path.read_text()))
-    elif args.resume_from:  # the shipped model's own recipe, so its weights fit
-        training = json.loads((args.resume_from / "dpl_defaults.json").read_text())["training"]
-        cfg = TrainConfig(**training["config"])
+    elif shipped:  # the shipped model's own recipe, so its weights fit
+        cfg = TrainConfig(**shipped["config"])
     else:
         cfg = TrainConfig(seed=args.seed)
     cfg.unet_widths = tuple(cfg.unet_widths)
@@ -653,14 +655,12 @@ def train(args: argparse.Namespace) -> None:
         cfg.attn_guide_weight = args.attn_guide_weight
     if args.lr_decay_from is not None:
         cfg.lr_decay_from = args.lr_decay_from
-    seeding = args.resume_from and not (args.run / "unet.safetensors").exists()
+    seeding = shipped is not None and not (args.run / "unet.safetensors").exists()
     if seeding:  # a fresh optimiser on trained weights warms up again
-        cfg.warm_start = json.loads((args.resume_from / "dpl_defaults.json").read_text())[
-            "training"
-        ]["unet_steps"]
+        cfg.warm_start = shipped["unet_steps"]
     cfg_path.write_text(json.dumps(asdict(cfg), indent=1))
     if seeding:
-        seed_run(args.resume_from, args.run, cfg)
+        seed_run(args.resume_from, shipped, args.run, cfg)
     if args.threads:
         torch.set_num_threads(args.threads)
     global DEVICE
