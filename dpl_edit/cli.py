@@ -13,7 +13,7 @@ import json
 import resource
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,18 @@ def _add_dpl_options(parser: argparse.ArgumentParser) -> None:
                        help="most token updates per step (21; 0 keeps the words' embeddings)")  # fmt: skip
     group.add_argument("--no-thresholds", action="store_true",
                        help="take every inner step, ignoring the loss thresholds (ablation)")  # fmt: skip
+    group.add_argument("--softmax-tokens", choices=["paper", "words"],
+                       help="tokens in the balancing loss's sharpened softmax: every position "
+                       "but the first and last (paper) or the prompt's own tokens (words)")  # fmt: skip
+    group.add_argument("--loss-res", type=int, nargs="+", metavar="RES",
+                       help="attention level(s) the losses read, as side lengths (default: the "
+                       "model's cross-attention level)")  # fmt: skip
+    group.add_argument("--threshold-index", choices=["step", "fraction"],
+                       help="index the loss thresholds by step, or by the fraction of the "
+                       "schedule (a 10-step run then follows the 50-step schedule)")  # fmt: skip
+    group.add_argument("--bg-resample", choices=["majority", "any"],
+                       help="background mask at the loss level: area majority, or any "
+                       "background in the cell (the paper code's dilated mask)")  # fmt: skip
     group.add_argument("--gaussian-formula", choices=["ae-quirk", "standard"],
                        help="balancing-loss smoothing: the paper code's (ae-quirk) or textbook")  # fmt: skip
     group.add_argument("--null-text-original", action="store_true",
@@ -112,23 +124,35 @@ _DPL_KNOBS = {
     "lambda_bg": "lambda_bg",
     "token_inner_steps": "max_inner_steps",
     "gaussian_formula": "gaussian_formula",
+    "softmax_tokens": "softmax_tokens",
+    "loss_res": "loss_res",
+    "threshold_index": "threshold_index",
 }
 """CLI option -> `DplLossConfig` field, for the options that take a value."""
 _DPL_SWITCHES = {"no_at": "use_at", "no_dj": "use_dj", "no_thresholds": "use_thresholds"}
 """CLI flag -> the `DplLossConfig` switch it turns off."""
 
 
-def _dpl_config(args: argparse.Namespace) -> Any:
-    """DPL's settings from the options given, or None when none was (so that `invert` can
-    refuse them for another method instead of ignoring them)."""
-    from dpl_edit.losses import DplLossConfig
+def _dpl_config(args: argparse.Namespace, model) -> Any:
+    """DPL's settings: the model's defaults with the options given on top, or None when none
+    was (so that `invert` can refuse them for another method instead of ignoring them)."""
+    from dpl_edit.dpl import default_config
 
     values = {field: getattr(args, name) for name, field in _DPL_KNOBS.items()}
     values = {field: value for field, value in values.items() if value is not None}
     for flag, field in _DPL_SWITCHES.items():
         if getattr(args, flag):
             values[field] = False
-    return DplLossConfig(**values) if values else None
+    if "loss_res" in values:
+        values["loss_res"] = tuple(values["loss_res"])
+    return replace(default_config(model), **values) if values else None
+
+
+def _background(args: argparse.Namespace) -> Any:
+    """Background-estimation settings when an option changes them, else None."""
+    from dpl_edit.dpl import BackgroundSettings
+
+    return None if args.bg_resample is None else BackgroundSettings(resample=args.bg_resample)
 
 
 def _add_edit_options(parser: argparse.ArgumentParser) -> None:
@@ -191,7 +215,8 @@ def _invert(args: argparse.Namespace, model, image) -> Any:
         resize=args.resize,
         null_text=ORIGINAL_NULL_TEXT if args.null_text_original else None,
         words=args.words,
-        dpl_config=_dpl_config(args),
+        dpl_config=_dpl_config(args, model),
+        background=_background(args),
         bg_mask=args.bg_mask,
         no_bg=args.no_bg,
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from dpl_edit.errors import DplError
 from dpl_edit.inversion import DynamicTokens, NullTextSettings
 from dpl_edit.losses import DplLossConfig, LossReport, evaluate_losses
 from dpl_edit.model import LoadedModel
-from dpl_edit.text import encode_text, word_spans, word_token_positions
+from dpl_edit.text import encode_text, prompt_tokens, word_spans, word_token_positions
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,23 @@ def _check_resolution(model: LoadedModel, res: int, cross: bool, what: str) -> N
         )
 
 
+def default_config(model: LoadedModel) -> DplLossConfig:
+    """The DPL settings for `model` when the user gives none: the model folder's chosen ones
+    (`dpl` in `dpl_defaults.json`, picked on a validation split), else the paper's."""
+    known = {f.name for f in fields(DplLossConfig)}
+    chosen = dict(model.defaults.dpl)
+    unknown = sorted(set(chosen) - known)
+    if unknown:
+        raise DplError(f"the model's DPL defaults name unknown settings: {', '.join(unknown)}")
+    return DplLossConfig(**chosen)
+
+
+def loss_levels(model: LoadedModel, config: DplLossConfig) -> tuple[int, ...]:
+    """The attention levels DPL's losses read: the configured ones, else the model's
+    cross-attention level (where maps are reported, SD's 16x16)."""
+    return config.loss_res or (model.defaults.cross_attention_res,)
+
+
 class TokenStage:
     """The `StepStage` of DPL: updates the word vectors at each step, returns the conditioning.
 
@@ -168,16 +185,21 @@ class TokenStage:
         prompt: str,
         words: Sequence[str],
         groups: Sequence[Sequence[int]],
-        bg_mask: torch.Tensor | None,
+        bg_masks: Sequence[torch.Tensor | None],
         config: DplLossConfig,
+        total_steps: int,
     ) -> None:
         self.model = model
         self.prompt = prompt
         self.words = list(words)
         self.groups = [list(group) for group in groups]
-        self.bg_mask = None if bg_mask is None else bg_mask.to(model.device)
+        self.levels = loss_levels(model, config)
+        if len(bg_masks) != len(self.levels):
+            raise ValueError(f"{len(self.levels)} loss levels but {len(bg_masks)} masks")
+        self.bg_masks = [None if mask is None else mask.to(model.device) for mask in bg_masks]
         self.config = config
-        self.res = model.defaults.cross_attention_res
+        self.total_steps = total_steps
+        self.n_prompt_tokens = len(prompt_tokens(model.tokenizer, prompt)) - 2
         self.vectors = initial_vectors(model, words).to(model.device)
         self.steps: list[torch.Tensor] = []
         self.trace: list[dict[str, Any]] = []
@@ -198,11 +220,19 @@ class TokenStage:
 
     def losses(self, vectors: torch.Tensor, step: int, t: int, latent: torch.Tensor) -> LossReport:
         """DPL's losses for `vectors` on `latent` at `step`, differentiable w.r.t. `vectors`."""
-        store = CrossAttentionStore([self.res], grad=True)
+        store = CrossAttentionStore(self.levels, grad=True)
         with controlled_attention(self.model.unet, [store]):
             self.model.predict(latent, t, self.conditioning(vectors))
-        maps = store.current(self.res)[0]
-        return evaluate_losses(maps, self.groups, self.bg_mask, step, self.config)
+        maps = [store.current(res)[0] for res in self.levels]
+        return evaluate_losses(
+            maps,
+            self.groups,
+            self.bg_masks,
+            step,
+            self.config,
+            total_steps=self.total_steps,
+            n_prompt_tokens=self.n_prompt_tokens,
+        )
 
     def __call__(self, step: int, t: int, latent: torch.Tensor) -> torch.Tensor:
         start, evals_before = time.perf_counter(), self.model.unet_evals
@@ -286,20 +316,21 @@ class DplPlan:
         no_bg: bool = False,
     ) -> DplPlan:
         """Check the words and the background options, and read a user's mask."""
-        config = config or DplLossConfig()
+        config = config or default_config(model)
         background = background or BackgroundSettings()
         if bg_mask is not None and no_bg:
             raise DplError("--bg-mask and --no-bg contradict each other; use one of them")
         chosen = choose_words(model, prompt, words)
         groups = word_token_groups(model, prompt, chosen)
-        res = model.defaults.cross_attention_res
-        _check_resolution(model, res, cross=True, what="DPL's losses")
+        levels = loss_levels(model, config)
+        for res in levels:
+            _check_resolution(model, res, cross=True, what="DPL's losses")
         if no_bg:
             config = replace(config, use_bg=False)
         wants_bg = config.use_bg and config.lambda_bg > 0
         user_mask, self_store, source = None, None, "off"
         if wants_bg and bg_mask is not None:
-            user_mask = load_mask_png(bg_mask, res, background.resample)
+            user_mask = load_mask_png(bg_mask, max(levels), background.resample)
             source = "file"
         elif wants_bg:
             sa_res = model.defaults.self_attention_res
@@ -312,23 +343,30 @@ class DplPlan:
     def inversion_controllers(self) -> list[AttentionController]:
         return [] if self.self_store is None else [self.self_store]
 
-    def token_stage(self, cross_maps: torch.Tensor) -> TokenStage:
-        """The stage for null-text inversion; `cross_maps` [res, res, text_len] are the DDIM
-        inversion's time-averaged cross-attention, which labels the K-means clusters."""
+    def token_stage(self, cross_maps: torch.Tensor, total_steps: int) -> TokenStage:
+        """The stage for null-text inversion of `total_steps` steps; `cross_maps`
+        [res, res, text_len] are the DDIM inversion's time-averaged cross-attention, which
+        labels the K-means clusters."""
         start = time.perf_counter()
         size = self.model.resolution
-        mask = self.user_mask
+        levels = loss_levels(self.model, self.config)
+        background: torch.Tensor | None = None
         if self.user_mask is not None:
             self.masks = {"background": mask_image(self.user_mask, size)}
+            background = self.user_mask
         elif self.self_store is not None:
             estimate = self._estimate(cross_maps)
             self.masks = mask_images(estimate, size)
             if estimate.background is None:
                 self.bg_source = "estimated: none found"
-            else:
-                mask = self._at_loss_resolution(estimate)
+            background = estimate.background
+        masks = [
+            None if background is None else self._at_resolution(background, res) for res in levels
+        ]
         self.seconds = time.perf_counter() - start
-        return TokenStage(self.model, self.prompt, self.words, self.groups, mask, self.config)
+        return TokenStage(
+            self.model, self.prompt, self.words, self.groups, masks, self.config, total_steps
+        )
 
     def _estimate(self, cross_maps: torch.Tensor) -> BackgroundEstimate:
         settings = self.background
@@ -343,17 +381,16 @@ class DplPlan:
             n_init=settings.n_init,
         )
 
-    def _at_loss_resolution(self, estimate: BackgroundEstimate) -> torch.Tensor:
-        return background_mask_at(
-            estimate.background, self.model.defaults.cross_attention_res, self.background.resample
-        )
+    def _at_resolution(self, mask: torch.Tensor, res: int) -> torch.Tensor:
+        """`mask` brought to a loss level, with the configured resampling."""
+        return background_mask_at(mask, res, self.background.resample)
 
     def settings(self) -> dict[str, Any]:
         """What the inversion records about DPL's configuration (JSON)."""
         return {
             "words": self.words,
             "token_groups": self.groups,
-            "losses": asdict(self.config),
+            "losses": {**asdict(self.config), "loss_res": list(self.config.loss_res)},
             "background": asdict(self.background),
             "background_source": self.bg_source,
         }

@@ -396,7 +396,7 @@ def invert(
     else:
         stage = None
         if plan is not None:
-            stage = plan.token_stage(store.average(model.defaults.cross_attention_res)[0])
+            stage = plan.token_stage(store.average(model.defaults.cross_attention_res)[0], steps)
             timings["dpl_background"] = plan.seconds
         start, evals_before = time.perf_counter(), model.unet_evals
         result = null_text_inversion(

@@ -10,6 +10,7 @@ groups (see `dpl_edit.word_maps`). Spec: docs/dpl-algorithm.md sections 4.3 and 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +27,13 @@ from dpl_edit.word_maps import (
 
 GaussianFormula = Literal["ae-quirk", "standard"]
 Reduce = Literal["max", "mean"]
+SoftmaxTokens = Literal["paper", "words"]
+"""Which text positions compete in the balancing loss's sharpened softmax: "paper" is every
+position but the first and the last (the authors' code), "words" the prompt's own tokens only
+(Attend-and-Excite's convention), which leaves out end-of-text and padding."""
+ThresholdIndex = Literal["step", "fraction"]
+"""How Eq. 10's thresholds are indexed: by the step number, or by the fraction of the schedule
+done, mapped onto a `schedule_steps`-step run (so that 10 steps follow the 50-step schedule)."""
 
 _NORM_EPS = 1e-8
 """Floor for vector norms in cosines, so an all-zero map gives cosine 0 instead of NaN."""
@@ -74,11 +82,15 @@ def balancing_loss(
     smooth: bool = True,
     kernel: torch.Tensor | None = None,
     reduce: Reduce = "max",
+    softmax_tokens: SoftmaxTokens = "paper",
+    n_prompt_tokens: int | None = None,
 ) -> torch.Tensor:
     """Attention balancing L_at: how far the weakest word is from owning some region outright.
 
     Following section 4.3a: drop SOT (index 0) and the last slot (`text_len - 1`), sharpen with
-    a softmax of `softmax_temp` x maps over the remaining tokens at each pixel, take each word's
+    a softmax of `softmax_temp` x maps over the remaining tokens at each pixel (with
+    `softmax_tokens` "words", over the prompt's `n_prompt_tokens` tokens 1..n only, so that
+    end-of-text and padding, which can hold most of the mass, never win), take each word's
     map (sum over its sub-tokens *after* the softmax, i.e. its probability mass; see
     `dpl_edit.word_maps`), optionally smooth it (`kernel`, default the quirk Gaussian with
     sigma 0.5), and score the word by max(0, 1 - peak). `reduce` "max" (the paper's default)
@@ -93,7 +105,8 @@ def balancing_loss(
         raise ValueError(f"expected maps of shape [res, res, text_len], got {tuple(maps.shape)}")
     text_len = maps.shape[-1]
     check_word_token_groups(word_token_groups, text_len)
-    sharpened = torch.softmax(softmax_temp * maps[:, :, 1 : text_len - 1], dim=-1)
+    end = _softmax_end(softmax_tokens, n_prompt_tokens, word_token_groups, text_len)
+    sharpened = torch.softmax(softmax_temp * maps[:, :, 1:end], dim=-1)
     # Dropping SOT shifts every token index down by one.
     shifted = [[index - 1 for index in group] for group in word_token_groups]
     per_word = combine_token_maps(sharpened, shifted)
@@ -102,6 +115,25 @@ def balancing_loss(
     peaks = per_word.flatten(1).max(dim=1).values
     per_word_loss = torch.clamp(1.0 - peaks, min=0.0)
     return per_word_loss.max() if reduce == "max" else per_word_loss.mean()
+
+
+def _softmax_end(
+    softmax_tokens: SoftmaxTokens,
+    n_prompt_tokens: int | None,
+    word_token_groups: WordTokenGroups,
+    text_len: int,
+) -> int:
+    """The exclusive end of the positions the balancing softmax runs over (it starts at 1)."""
+    if softmax_tokens == "paper":
+        return text_len - 1
+    if softmax_tokens != "words":
+        raise DplError(f"unknown softmax tokens {softmax_tokens!r}; use 'paper' or 'words'")
+    if n_prompt_tokens is None:
+        raise ValueError("softmax over the prompt's words needs the number of prompt tokens")
+    end = 1 + n_prompt_tokens
+    if any(index >= end for group in word_token_groups for index in group):
+        raise ValueError(f"a word token lies beyond the prompt's {n_prompt_tokens} tokens")
+    return min(end, text_len - 1)
 
 
 def _unit_rows(vectors: torch.Tensor) -> torch.Tensor:
@@ -183,6 +215,14 @@ class DplLossConfig:
     use_dj: bool = True
     use_bg: bool = True
     use_thresholds: bool = True
+    softmax_tokens: SoftmaxTokens = "paper"
+    loss_res: tuple[int, ...] = ()
+    """Attention level(s) the losses read, as side lengths; empty = the model's cross-attention
+    level (the one maps are reported at). With several, each loss is the mean over levels."""
+    threshold_index: ThresholdIndex = "step"
+    schedule_steps: int = 50
+    """The run length the thresholds' alphas were tuned for, used by `threshold_index`
+    "fraction"."""
     max_inner_steps: int = 21
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -201,6 +241,17 @@ class DplLossConfig:
             raise DplError(f"unknown Gaussian formula {self.gaussian_formula!r}")
         if self.at_reduce not in ("max", "mean"):
             raise DplError(f"unknown balancing reduction {self.at_reduce!r}")
+        if self.softmax_tokens not in ("paper", "words"):
+            raise DplError(f"unknown softmax tokens {self.softmax_tokens!r}; use paper or words")
+        if self.threshold_index not in ("step", "fraction"):
+            raise DplError(
+                f"unknown threshold index {self.threshold_index!r}; use step or fraction"
+            )
+        if self.schedule_steps < 1:
+            raise DplError(f"schedule_steps must be >= 1, got {self.schedule_steps}")
+        if any(int(res) < 1 for res in self.loss_res):
+            raise DplError(f"loss_res must be positive side lengths, got {self.loss_res}")
+        object.__setattr__(self, "loss_res", tuple(int(res) for res in self.loss_res))
 
 
 @dataclass(frozen=True)
@@ -212,17 +263,38 @@ class Thresholds:
     bg: float
 
 
-def thresholds(step_index: int, config: DplLossConfig | None = None) -> Thresholds:
-    """TH_x(i) = beta_x * exp(-i / alpha_x); the background one counts from `bg_start_step`.
+def schedule_index(
+    step_index: int, config: DplLossConfig | None = None, total_steps: int | None = None
+) -> float:
+    """The `i` of Eq. 10 for denoising step `step_index` of `total_steps`.
 
-    `step_index` 0 is the first (noisiest) denoising step. The thresholds shrink as denoising
-    proceeds: early, noisy steps accept rough maps, later ones demand sharper ones.
+    With `threshold_index` "step" it is the step itself. With "fraction" it is the same point of
+    the schedule on a `schedule_steps`-step run: step 5 of 10 and step 25 of 50 both give 25,
+    so a short run tightens its thresholds as far as the paper's 50-step run does.
     """
     config = config or DplLossConfig()
+    if config.threshold_index == "step":
+        return float(step_index)
+    if total_steps is None or total_steps < 1:
+        raise ValueError("thresholds indexed by fraction need the run's number of steps")
+    return step_index * config.schedule_steps / total_steps
+
+
+def thresholds(
+    step_index: int, config: DplLossConfig | None = None, total_steps: int | None = None
+) -> Thresholds:
+    """TH_x(i) = beta_x * exp(-i / alpha_x); the background one counts from `bg_start_step`.
+
+    `step_index` 0 is the first (noisiest) denoising step; `i` is `schedule_index` of it. The
+    thresholds shrink as denoising proceeds: early, noisy steps accept rough maps, later ones
+    demand sharper ones.
+    """
+    config = config or DplLossConfig()
+    i = schedule_index(step_index, config, total_steps)
     return Thresholds(
-        at=config.beta_at * math.exp(-step_index / config.alpha_at),
-        dj=config.beta_dj * math.exp(-step_index / config.alpha_dj),
-        bg=config.beta_bg * math.exp(-(step_index - config.bg_start_step) / config.alpha_bg),
+        at=config.beta_at * math.exp(-i / config.alpha_at),
+        dj=config.beta_dj * math.exp(-i / config.alpha_dj),
+        bg=config.beta_bg * math.exp(-(i - config.bg_start_step) / config.alpha_bg),
     )
 
 
@@ -264,36 +336,66 @@ class LossReport:
         }
 
 
+def _level_mean(losses: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The mean of one loss over attention levels; None when it is undefined at any level."""
+    if not losses or any(loss is None for loss in losses):
+        return None
+    return torch.stack(losses).mean()
+
+
 def evaluate_losses(
-    maps: torch.Tensor,
+    maps: torch.Tensor | Sequence[torch.Tensor],
     word_token_groups: WordTokenGroups,
-    bg_mask: torch.Tensor | None,
+    bg_mask: torch.Tensor | None | Sequence[torch.Tensor | None],
     step_index: int,
     config: DplLossConfig | None = None,
+    total_steps: int | None = None,
+    n_prompt_tokens: int | None = None,
 ) -> LossReport:
     """All of DPL's losses at one inner step, their weighted total, and the stopping test.
 
-    `satisfied` is True when every active loss is strictly under its threshold (inactive ones
-    pass), i.e. the inner loop should stop without updating. Without thresholds it is True only
-    when no loss is active at all, since there is then nothing to optimise.
+    `maps` is one level's [res, res, text_len] maps or a list of levels (`loss_res`), each with
+    its own background mask in `bg_mask`; a loss is then the mean of its per-level values.
+    `total_steps` is needed for thresholds indexed by fraction, `n_prompt_tokens` for the
+    word-only balancing softmax. `satisfied` is True when every active loss is strictly under
+    its threshold (inactive ones pass), i.e. the inner loop should stop without updating.
+    Without thresholds it is True only when no loss is active at all, since there is then
+    nothing to optimise.
     """
     config = config or DplLossConfig()
+    levels = [maps] if isinstance(maps, torch.Tensor) else list(maps)
+    masks = [bg_mask] * len(levels) if not isinstance(bg_mask, Sequence) else list(bg_mask)
+    if not levels or len(masks) != len(levels):
+        raise ValueError(f"{len(levels)} attention levels but {len(masks)} background masks")
     at = dj = bg = None
     if config.use_at and config.lambda_at > 0:
         kernel = gaussian_kernel_3x3(config.smooth_sigma, config.gaussian_formula)
-        at = balancing_loss(
-            maps,
-            word_token_groups,
-            softmax_temp=config.softmax_temp,
-            smooth=config.smooth,
-            kernel=kernel,
-            reduce=config.at_reduce,
+        at = _level_mean(
+            [
+                balancing_loss(
+                    level,
+                    word_token_groups,
+                    softmax_temp=config.softmax_temp,
+                    smooth=config.smooth,
+                    kernel=kernel,
+                    reduce=config.at_reduce,
+                    softmax_tokens=config.softmax_tokens,
+                    n_prompt_tokens=n_prompt_tokens,
+                )
+                for level in levels
+            ]
         )
     if config.use_dj and config.lambda_dj > 0:
-        dj = disjoint_loss(maps, word_token_groups)
-    wants_bg = config.use_bg and config.lambda_bg > 0 and step_index >= config.bg_start_step
+        dj = _level_mean([disjoint_loss(level, word_token_groups) for level in levels])
+    i = schedule_index(step_index, config, total_steps)
+    wants_bg = config.use_bg and config.lambda_bg > 0 and i >= config.bg_start_step
     if wants_bg:
-        bg = background_loss(maps, word_token_groups, bg_mask)
+        bg = _level_mean(
+            [
+                background_loss(level, word_token_groups, mask)
+                for level, mask in zip(levels, masks, strict=True)
+            ]
+        )
 
     active = {
         name: (loss, weight)
@@ -304,10 +406,10 @@ def evaluate_losses(
         )
         if loss is not None
     }
-    total = _as_float(maps).new_zeros(())
+    total = _as_float(levels[0]).new_zeros(())
     for loss, weight in active.values():
         total = total + weight * loss
-    th = thresholds(step_index, config) if config.use_thresholds else None
+    th = thresholds(step_index, config, total_steps) if config.use_thresholds else None
     if th is None:
         satisfied = not active
     else:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -44,6 +45,9 @@ class ModelDefaults:
     self_attention_res: int
     blend_res: int
     object_words: tuple[str, ...] = ()
+    dpl: tuple[tuple[str, Any], ...] = ()
+    """DPL settings chosen for this model (`DplLossConfig` fields), used when a user gives
+    none; kept as pairs so the defaults stay hashable. Empty: the paper's settings."""
 
     @classmethod
     def for_latent_size(cls, latent_size: int) -> ModelDefaults:
@@ -196,6 +200,10 @@ def _read_defaults(folder: Path, latent_size: int) -> ModelDefaults:
             self_attention_res=int(data.get("self_attention_res", base.self_attention_res)),
             blend_res=int(data.get("blend_res", base.blend_res)),
             object_words=tuple(str(w) for w in data.get("object_words", [])),
+            dpl=tuple(
+                (str(k), tuple(v) if isinstance(v, list) else v)
+                for k, v in sorted(dict(data.get("dpl", {})).items())
+            ),
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise DplError(f"{file} is not valid: {exc}") from None

@@ -9,35 +9,52 @@ the inversion engine does not offer "dpl" yet, instead of failing deep inside a 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 from dpl_edit.errors import DplError
 
 
 @dataclass(frozen=True)
 class BenchMethod:
-    """How one method inverts: `invert(..., method=inversion, **invert_kwargs(nouns))`."""
+    """How one method inverts: `invert(..., method=inversion, **invert_kwargs(model, nouns))`.
+
+    A DPL row's settings are `dpl_switches` on top of a base: the model's chosen defaults
+    (`base` "model", so `dpl` is what users get and its ablations remove one part of that) or
+    the paper's settings (`base` "paper", so each lever is measured against the recipe it
+    changes).
+    """
 
     name: str
     inversion: str
     description: str
-    dpl_switches: dict[str, bool] | None = field(default=None)
-    """`DplLossConfig` flags to override (empty: DPL's defaults); None for non-DPL methods."""
+    dpl_switches: dict[str, Any] | None = field(default=None)
+    """`DplLossConfig` fields to override (empty: the base as it is); None for non-DPL rows."""
+    base: Literal["model", "paper"] = "model"
 
-    def invert_kwargs(self, nouns: Sequence[str]) -> dict[str, Any]:
-        """Extra `invert` arguments: DPL learns the object nouns' tokens under its loss config."""
+    def dpl_config(self, model: Any) -> Any:
+        """The `DplLossConfig` this row runs on `model`, or None for non-DPL rows."""
         if self.dpl_switches is None:
-            return {}
-        from dpl_edit.losses import DplLossConfig  # torch-heavy; only DPL rows need it
+            return None
+        from dpl_edit.dpl import default_config  # torch-heavy; only DPL rows need it
+        from dpl_edit.losses import DplLossConfig
 
-        return {"words": list(nouns), "dpl_config": DplLossConfig(**self.dpl_switches)}
+        base = default_config(model) if self.base == "model" else DplLossConfig()
+        return replace(base, **self.dpl_switches)
+
+    def invert_kwargs(self, model: Any, nouns: Sequence[str]) -> dict[str, Any]:
+        """Extra `invert` arguments: DPL learns the object nouns' tokens under its loss config."""
+        config = self.dpl_config(model)
+        return {} if config is None else {"words": list(nouns), "dpl_config": config}
 
 
+_WORDS = {"softmax_tokens": "words"}
+_FRACTION = {"threshold_index": "fraction"}
+_COARSE = {"loss_res": (8,)}
 _TABLE = (
     BenchMethod("ddim", "ddim", "DDIM inversion + P2P"),
     BenchMethod("nti", "nti", "null-text inversion + P2P"),
-    BenchMethod("dpl", "dpl", "Dynamic Prompt Learning + P2P", {}),
+    BenchMethod("dpl", "dpl", "Dynamic Prompt Learning + P2P (the model's DPL defaults)", {}),
     BenchMethod(
         "dpl-at", "dpl", "DPL, attention-balancing loss only", {"use_dj": False, "use_bg": False}
     ),
@@ -45,6 +62,36 @@ _TABLE = (
     BenchMethod("dpl-bg", "dpl", "DPL, background loss only", {"use_at": False, "use_dj": False}),
     BenchMethod(
         "dpl-no-thresholds", "dpl", "DPL without gradual thresholds", {"use_thresholds": False}
+    ),
+    BenchMethod("dpl-paper", "dpl", "DPL with the paper's settings", {}, "paper"),
+    BenchMethod("dpl-words", "dpl", "paper DPL, balancing softmax over the words", _WORDS, "paper"),
+    BenchMethod(
+        "dpl-fraction", "dpl", "paper DPL, thresholds by schedule fraction", _FRACTION, "paper"
+    ),
+    BenchMethod("dpl-res8", "dpl", "paper DPL, losses on the 8x8 level", _COARSE, "paper"),
+    BenchMethod(
+        "dpl-bg1", "dpl", "paper DPL, background loss weight 1", {"lambda_bg": 1.0}, "paper"
+    ),
+    BenchMethod(
+        "dpl-words-fraction",
+        "dpl",
+        "paper DPL, word softmax and fraction thresholds",
+        {**_WORDS, **_FRACTION},
+        "paper",
+    ),
+    BenchMethod(
+        "dpl-words-fraction-bg1",
+        "dpl",
+        "paper DPL, word softmax, fraction thresholds, background weight 1",
+        {**_WORDS, **_FRACTION, "lambda_bg": 1.0},
+        "paper",
+    ),
+    BenchMethod(
+        "dpl-words-fraction-res8",
+        "dpl",
+        "paper DPL, word softmax, fraction thresholds, losses on 8x8",
+        {**_WORDS, **_FRACTION, **_COARSE},
+        "paper",
     ),
 )
 METHODS: dict[str, BenchMethod] = {m.name: m for m in _TABLE}

@@ -186,7 +186,7 @@ def run_method(
             steps=settings.steps,
             guidance=settings.guidance,
             progress=False,
-            **method.invert_kwargs(list(scene.masks)),
+            **method.invert_kwargs(model, list(scene.masks)),
         )
         result = edit(
             model,
@@ -208,6 +208,12 @@ def run_method(
         "peak_memory_mb": memory["peak_memory_mb"],
     }
     return MethodRun(metrics, edited, maps)
+
+
+def method_config(model: LoadedModel, method: BenchMethod) -> dict[str, Any] | None:
+    """A method's DPL settings as stored JSON (None for non-DPL rows), for the resume check."""
+    config = method.dpl_config(model)
+    return None if config is None else json.loads(json.dumps(asdict(config)))
 
 
 def scene_stem(scene_id: str) -> str:
@@ -319,13 +325,18 @@ def run_bench(
     out_dir = Path(out_dir)
     store = SceneStore(out_dir, {**asdict(settings), "model": model.identity})
     names = [m.name for m in chosen]
+    configs = {m.name: method_config(model, m) for m in chosen}
     per_scene, prepared_examples = [], []
     for scene in tqdm(scenes, desc="bench", unit="scene", disable=not progress):
         prepared = prepare_scene(scene, model.resolution)
         record = store.load(scene.id)
+        stored = record.setdefault("configs", {})
         for method in chosen:
-            if method.name not in record["methods"]:
-                store.save(record, method.name, run_method(model, method, prepared, settings))
+            name = method.name
+            if name not in record["methods"] or stored.get(name) != configs[name]:
+                # New, or made under other DPL settings (e.g. changed model defaults): redo.
+                stored[name] = configs[name]
+                store.save(record, name, run_method(model, method, prepared, settings))
         per_scene.append({"id": scene.id, "methods": {n: record["methods"][n] for n in names}})
         if len(prepared_examples) < examples:
             prepared_examples.append(prepared)
