@@ -72,6 +72,30 @@ def test_learned_tokens_lower_balancing_and_disjoint_losses(tiny_model, dpl_inve
     assert first["dj"] == pytest.approx(float(disjoint_loss(before, groups)), rel=1e-4)
 
 
+def test_losses_read_the_chosen_level(tiny_model):
+    """With `loss_res` set to the tiny model's coarser level, the first recorded balancing loss
+    is the one of that level's maps, recomputed here from a separate UNet call."""
+    coarse = 4
+    assert coarse != tiny_model.defaults.cross_attention_res
+    config = dataclasses.replace(FORCED, loss_res=(coarse,), max_inner_steps=1, use_bg=False)
+    inversion = _invert(tiny_model, words=["cat", "dog"], dpl_config=config)
+    t = Ddim(tiny_model.scheduler, STEPS).timesteps[0]
+    cond = encode_text(tiny_model, [PROMPT])
+    store = CrossAttentionStore([coarse])
+    with torch.no_grad(), controlled_attention(tiny_model.unet, [store]):
+        tiny_model.predict(inversion.latents[-1:], t, cond)
+    maps = store.current(coarse)[0]
+    assert maps.shape[:2] == (coarse, coarse)
+    first = inversion.extras["dpl_trace"][0]["first"]
+    assert first["at"] == pytest.approx(float(balancing_loss(maps, [[CAT], [DOG]])), rel=1e-4)
+    assert inversion.settings["dpl"]["losses"]["loss_res"] == [coarse]
+
+
+def test_a_level_the_model_lacks_is_refused_before_work(tiny_model):
+    with pytest.raises(DplError, match="no cross-attention at 3x3"):
+        _invert(tiny_model, words=["cat"], dpl_config=DplLossConfig(loss_res=(3,)))
+
+
 def test_trace_costs_and_settings(tiny_model, dpl_inversion):
     trace = dpl_inversion.extras["dpl_trace"]
     assert [step["inner_steps"] for step in trace] == [5] * STEPS

@@ -31,10 +31,11 @@ def np_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a.ravel() @ b.ravel() / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def np_balancing(maps, groups, temp=100.0, kernel_1d=None, reduce="max") -> float:
-    """Section 4.3a written out with explicit loops, as an independent reference."""
+def np_balancing(maps, groups, temp=100.0, kernel_1d=None, reduce="max", end=None) -> float:
+    """Section 4.3a written out with explicit loops, as an independent reference; `end` is
+    the exclusive end of the softmax's positions (default: the paper's, all but the last)."""
     text_len = maps.shape[-1]
-    logits = temp * maps[:, :, 1 : text_len - 1]
+    logits = temp * maps[:, :, 1 : text_len - 1 if end is None else end]
     exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
     sharp = exp / exp.sum(axis=-1, keepdims=True)
     res = maps.shape[0]
@@ -99,6 +100,32 @@ def test_background_threshold_counts_from_its_start_step():
     assert th.at == pytest.approx(0.3 * math.exp(-15 / 25))
 
 
+def test_fraction_index_follows_the_50_step_schedule():
+    """Step 5 of 10 is step 25 of 50: the same thresholds as the paper's run at step 25."""
+    by_fraction = DplLossConfig(threshold_index="fraction")
+    ten = thresholds(5, by_fraction, total_steps=10)
+    fifty = thresholds(25, by_fraction, total_steps=50)
+    assert ten == fifty == thresholds(25)
+    assert ten.at == pytest.approx(0.3 * math.exp(-25 / 25))
+    assert ten.bg == pytest.approx(0.7 * math.exp(-25 / 50))
+    # Indexed by step, a 10-step run never gets below the paper's step-9 thresholds.
+    assert thresholds(9, DplLossConfig(), total_steps=10).at == pytest.approx(
+        0.3 * math.exp(-9 / 25)
+    )
+    with pytest.raises(ValueError):
+        thresholds(5, by_fraction)
+
+
+def test_fraction_index_moves_the_background_start():
+    """`bg_start_step` is a point of the 50-step schedule: step 2 of 10 is 10 of 50."""
+    config = DplLossConfig(threshold_index="fraction", bg_start_step=10)
+    maps = torch.from_numpy(random_maps(4, 8, seed=3))
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[:2] = True
+    assert evaluate_losses(maps, [[2]], mask, 1, config, total_steps=10).bg is None
+    assert evaluate_losses(maps, [[2]], mask, 2, config, total_steps=10).bg is not None
+
+
 class TestWordMaps:
     def test_sub_tokens_are_summed(self):
         maps = random_maps(4, 10, seed=0)
@@ -121,6 +148,39 @@ class TestBalancing:
         got = balancing_loss(torch.from_numpy(maps), groups, softmax_temp=temp, reduce=reduce)
         want = np_balancing(maps, groups, temp=temp, kernel_1d=QUIRK_1D, reduce=reduce)
         assert got.item() == pytest.approx(want, abs=1e-9)
+
+    def test_word_softmax_leaves_padding_out(self):
+        """A padding slot with a huge score wins the paper's softmax everywhere, so no word can
+        peak; over the prompt's own tokens (1..3 here) the word owns its pixels again."""
+        maps = random_maps(4, 10, seed=4) * 0.01
+        maps[:, :, 2] += 0.05
+        maps[:, :, 7] += 0.9  # padding: beyond the prompt's three tokens
+        tensor = torch.from_numpy(maps)
+        paper = balancing_loss(tensor, [[2]], smooth=False)
+        words = balancing_loss(
+            tensor, [[2]], smooth=False, softmax_tokens="words", n_prompt_tokens=3
+        )
+        assert paper.item() > 0.99
+        assert words.item() < 0.05
+        want = np_balancing(maps, [[2]], end=4)
+        assert words.item() == pytest.approx(want, abs=1e-9)
+
+    def test_word_softmax_needs_the_prompt_length(self):
+        maps = torch.from_numpy(random_maps(4, 10, seed=4))
+        with pytest.raises(ValueError):
+            balancing_loss(maps, [[2]], softmax_tokens="words")
+        with pytest.raises(ValueError):  # the word lies beyond the prompt
+            balancing_loss(maps, [[5]], softmax_tokens="words", n_prompt_tokens=3)
+
+    def test_levels_average_each_loss(self):
+        fine = torch.from_numpy(random_maps(8, 10, seed=5))
+        coarse = torch.from_numpy(random_maps(4, 10, seed=6))
+        groups = [[2], [4]]
+        report = evaluate_losses([fine, coarse], groups, [None, None], 0)
+        want = (balancing_loss(fine, groups) + balancing_loss(coarse, groups)) / 2
+        assert report.at.item() == pytest.approx(want.item())
+        want_dj = (disjoint_loss(fine, groups) + disjoint_loss(coarse, groups)) / 2
+        assert report.dj.item() == pytest.approx(want_dj.item())
 
     def test_without_smoothing_matches_numpy_reference(self):
         maps = random_maps(5, 8, seed=2)
