@@ -80,6 +80,13 @@ _TABLE = (
         "paper",
     ),
     BenchMethod(
+        "dpl-words-bg1",
+        "dpl",
+        "paper DPL, word softmax, background weight 1",
+        {**_WORDS, "lambda_bg": 1.0},
+        "paper",
+    ),
+    BenchMethod(
         "dpl-words-fraction-bg1",
         "dpl",
         "paper DPL, word softmax, fraction thresholds, background weight 1",
