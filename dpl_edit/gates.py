@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from dpl_edit import checker, world
 from dpl_edit.atomic import atomic_write_bytes
 from dpl_edit.bench.metrics import best_iou, leakage, psnr
+from dpl_edit.bench.sink import mass_section
 from dpl_edit.ddim import Ddim
 from dpl_edit.images import image_to_tensor
 from dpl_edit.inversion import invert, reconstruct
@@ -270,6 +271,7 @@ def write_card(folder: Path, results: dict) -> None:
     training = json.loads((folder / "dpl_defaults.json").read_text()).get("training", {})
     notes = training.get("notes", "")
     card = model_card(results, {"summary": training_summary(training), "notes": notes})
+    card += mass_section(folder)
     atomic_write_bytes(folder / "README.md", card.encode())
 
 
