@@ -401,15 +401,16 @@ def _run_bench(args: argparse.Namespace) -> Summary:
     from dpl_edit.bench.world_set import export_world, world_split
 
     if args.export_world:
-        path = export_world(args.export_world, args.split, args.limit)
+        path = export_world(args.export_world, args.split, args.limit, args.categories)
         return _summary({"scenes": path}, {}, {})
     resolve_methods(args.methods)  # a bad method or scene list fails before the model loads
     if args.scenes:
         scenes = load_jsonl(args.scenes)[: args.limit]
         scene_set = f"{args.scenes}, {len(scenes)} scenes"
     else:
-        scenes = world_split(args.split, args.limit)
-        scene_set = f"built-in world {args.split} split, first {len(scenes)} scenes"
+        scenes = world_split(args.split, args.limit, args.categories)
+        which = "" if not args.categories else f" ({', '.join(args.categories)})"
+        scene_set = f"built-in world {args.split} split{which}, first {len(scenes)} scenes"
     settings = BenchSettings(
         steps=args.steps or BenchSettings.steps,
         guidance=7.5 if args.guidance is None else args.guidance,
@@ -428,6 +429,8 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="built-in world split (val: choosing defaults; test: reporting)")  # fmt: skip
     parser.add_argument("--scenes", help="external scene list (JSONL) instead of the world")
     parser.add_argument("--limit", type=int, help="only the first N scenes")
+    parser.add_argument("--categories", nargs="+", metavar="CATEGORY",
+                        help="built-in scene categories to run (default: all; see README)")  # fmt: skip
     parser.add_argument(
         "--methods",
         nargs="+",

@@ -134,6 +134,50 @@ def sample_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scen
     )
 
 
+HARD_CATEGORIES = ("same-colour", "close", "similar-colour")
+"""Two-object scenes where a word's attention is likelier to spill onto the other object: both
+objects in one colour, objects nearly touching (1-3 px between their bounding discs), or
+colours that are near neighbours (red/orange, blue/purple)."""
+_SIMILAR_COLOURS = (("red", "orange"), ("blue", "purple"))
+
+
+def sample_hard_scene(rng: np.random.Generator, category: str) -> Scene:
+    """Draw a two-object scene of one of `HARD_CATEGORIES` (shapes stay distinct, so each
+    shape word still names one object)."""
+    shapes = [str(s) for s in rng.choice(SHAPES, size=2, replace=False)]
+    if category == "same-colour":
+        colors = [str(rng.choice(list(COLORS)))] * 2
+    elif category == "similar-colour":
+        pair = _SIMILAR_COLOURS[int(rng.integers(len(_SIMILAR_COLOURS)))]
+        colors = [str(c) for c in rng.permutation(pair)]
+    elif category == "close":
+        colors = [str(c) for c in rng.choice(list(COLORS), size=2, replace=False)]
+    else:
+        raise ValueError(f"unknown scene category {category!r}; use {', '.join(HARD_CATEGORIES)}")
+    gap_range = (1.0, 3.0) if category == "close" else (1.0, 12.0)
+    for _ in range(1000):
+        halves = [float(h) for h in rng.uniform(7.0, 12.5, size=2)]
+        first = rng.uniform(_BOUND * halves[0], SIZE - _BOUND * halves[0], size=2)
+        angle, gap = float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(*gap_range))
+        distance = _BOUND * (halves[0] + halves[1]) + gap
+        second = first + distance * np.array([math.cos(angle), math.sin(angle)])
+        margin = _BOUND * halves[1]
+        if np.all(second >= margin) and np.all(second <= SIZE - margin):
+            break
+    else:  # pragma: no cover - 1000 draws always find room on a 64 px canvas
+        raise RuntimeError("could not place two objects")
+    objects = tuple(
+        SceneObject(shape, color, float(c[0]), float(c[1]), half)
+        for shape, color, c, half in zip(shapes, colors, (first, second), halves, strict=True)
+    )
+    return Scene(
+        objects=objects,
+        background=str(rng.choice(BACKGROUNDS)),
+        texture_seed=int(rng.integers(0, 2**31 - 1)),
+        order=tuple(int(i) for i in rng.permutation(2)),
+    )
+
+
 def scene_at(seed: int, index: int, n_objects: int | None = None) -> Scene:
     """The `index`-th scene of the world with this seed: the same on every machine."""
     return sample_scene(np.random.default_rng([seed, index]), n_objects)

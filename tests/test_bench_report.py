@@ -142,6 +142,21 @@ def test_write_report_writes_parsable_files_atomically(tmp_path: Path):
     assert "![examples](examples.png)" in report
 
 
+def test_report_adds_a_section_per_category(tmp_path: Path):
+    per_scene = [
+        {**s, "category": c} for s, c in zip(PER_SCENE, ["close", "close", "far"], strict=True)
+    ]
+    agg = write_report(tmp_path, per_scene, THRESHOLDS, baseline="nti")
+    close = agg["categories"]["close"]
+    assert close["n_scenes"] == 2 and agg["categories"]["far"]["n_scenes"] == 1
+    # Scenes a and b: dpl's outside leakage (0.15, 0.0) minus nti's (0.4, 0.2), averaged.
+    diff = close["methods"]["dpl"]["difference"]["leakage.outside"]["mean"]
+    assert diff == pytest.approx(((0.15 - 0.4) + (0.0 - 0.2)) / 2)
+    report = (tmp_path / "report.md").read_text()
+    assert "### close (2 scenes)" in report and "### far (1 scenes)" in report
+    assert "categories" not in write_report(tmp_path / "one", PER_SCENE, THRESHOLDS, "nti")
+
+
 def test_example_grid_needs_the_same_columns_in_every_row(tmp_path: Path):
     rows = [_example("a", ("nti", "dpl")), _example("b", ("nti",))]
     with pytest.raises(ValueError, match="other columns"):

@@ -18,7 +18,13 @@ from dpl_edit import cli, world
 from dpl_edit.bench import runner
 from dpl_edit.bench.methods import BenchSettings, resolve_methods
 from dpl_edit.bench.scenes import caption_words, load_jsonl
-from dpl_edit.bench.world_set import SPLIT_SIZE, export_world, world_split
+from dpl_edit.bench.world_set import (
+    CATEGORY_SIZE,
+    SPLIT_SEEDS,
+    SPLIT_SIZE,
+    export_world,
+    world_split,
+)
 from dpl_edit.errors import DplError
 from dpl_edit.model import LoadedModel, load_model
 
@@ -52,7 +58,9 @@ def test_world_splits_are_deterministic_disjoint_and_mixed():
         )
         np.testing.assert_array_equal(x.source_image(), y.source_image())
         np.testing.assert_array_equal(x.ideal_image(), y.ideal_image())
-    assert len(world_split("test")) == len(world_split("val")) == SPLIT_SIZE >= 100
+    total = SPLIT_SIZE + CATEGORY_SIZE * len(world.HARD_CATEGORIES)
+    assert len(world_split("test")) == len(world_split("val")) == total
+    assert SPLIT_SIZE >= 100
     val, test = world_split("val", 30), world_split("test", 30)
     assert not {s.id for s in val} & {s.id for s in test}
     val_images = {s.source_image().tobytes() for s in val}
@@ -60,6 +68,47 @@ def test_world_splits_are_deterministic_disjoint_and_mixed():
     assert [len(s.masks) for s in val[:4]] == [2, 3, 2, 3]
     with pytest.raises(DplError, match="unknown split 'train'"):
         world_split("train")
+
+
+def test_original_scenes_keep_their_ids_and_pictures():
+    """The hard categories are appended: the first 100 scenes are what earlier runs measured."""
+    scenes = world_split("val", 4)
+    for index, scene in enumerate(scenes):
+        original = world.scene_at(SPLIT_SEEDS["val"], index, n_objects=2 + index % 2).render()
+        assert scene.id == f"val-{index:03d}" and scene.source == original.caption
+        np.testing.assert_array_equal(scene.source_image(), original.image)
+    assert [s.category for s in scenes] == ["two-objects", "three-objects"] * 2
+
+
+def _disc_gap(objects) -> float:
+    """Pixels between two objects' bounding discs (radius 1.3 x half size, as in the world)."""
+    a, b = objects
+    return float(np.hypot(a.cx - b.cx, a.cy - b.cy) - 1.3 * (a.half_size + b.half_size))
+
+
+@pytest.mark.parametrize("category", world.HARD_CATEGORIES)
+def test_hard_categories_are_what_they_say(category: str):
+    scenes = world_split("val", categories=[category])
+    assert len(scenes) == CATEGORY_SIZE
+    assert all(s.category == category and s.id.startswith(f"val-{category}-") for s in scenes)
+    for index, scene in enumerate(scenes):
+        drawn = world.sample_hard_scene(
+            np.random.default_rng([SPLIT_SEEDS["val"], 1 + world.HARD_CATEGORIES.index(category),
+                                   index, 0]), category
+        )  # fmt: skip
+        colours = sorted(o.color for o in drawn.objects)
+        assert scene.source == drawn.caption and len(scene.masks) == 2
+        masks = list(scene.masks.values())
+        assert not (masks[0] & masks[1]).any()
+        gap = _disc_gap(drawn.objects)
+        if category == "same-colour":
+            assert colours[0] == colours[1]
+        elif category == "similar-colour":
+            assert colours in (["orange", "red"], ["blue", "purple"])
+        else:
+            assert 1.0 <= gap <= 3.0
+    with pytest.raises(DplError, match="unknown scene category 'huge'"):
+        world_split("val", categories=["huge"])
 
 
 @pytest.mark.parametrize("index", range(8))

@@ -365,6 +365,48 @@ def markdown_report(
     return "\n".join(lines).rstrip() + "\n"
 
 
+CATEGORY_METRICS = (
+    "leakage.outside",
+    "leakage.background",
+    "leakage.other_objects",
+    "localisation.best_iou",
+    "reconstruction.psnr",
+    "preservation.background.psnr",
+    "preservation.other_objects.psnr",
+    "edit_fidelity.checker_hit",
+)
+"""The metrics a per-category section shows (the full tables cover every metric overall)."""
+
+
+def category_aggregates(
+    per_scene: Sequence[Mapping], thresholds: Sequence[float], baseline: str | None
+) -> dict[str, dict]:
+    """`aggregate` of each scene category, when the scenes come in more than one."""
+    categories = list(dict.fromkeys(str(s.get("category", "")) for s in per_scene))
+    if len(categories) < 2:
+        return {}
+    out = {}
+    for category in categories:
+        scenes = [s for s in per_scene if s.get("category", "") == category]
+        ran = {m for s in scenes for m in s["methods"]}
+        out[category] = aggregate(scenes, thresholds, baseline if baseline in ran else None)
+    return out
+
+
+def category_report(by_category: Mapping[str, Mapping]) -> str:
+    """Markdown: per category, the key metrics per method and the paired differences."""
+    lines = ["", "## Per scene category", ""]
+    for category, agg in by_category.items():
+        methods = list(agg["methods"])
+        lines += ["", f"### {category or 'uncategorised'} ({agg['n_scenes']} scenes)", ""]
+        lines += _table(agg, "metrics", methods, CATEGORY_METRICS, str)
+        others = [m for m in methods if m != agg["baseline"]]
+        if agg["baseline"] is not None and others:
+            lines += ["", f"Paired difference from {agg['baseline']}:", ""]
+            lines += _table(agg, "difference", others, CATEGORY_METRICS, str)
+    return "\n".join(lines) + "\n"
+
+
 def write_report(
     out_dir: Path,
     per_scene: Sequence[Mapping],
@@ -377,6 +419,9 @@ def write_report(
     """Write per_scene.json, aggregate.json, report.md and the pictures; return the aggregate."""
     out_dir = Path(out_dir)
     agg = aggregate(per_scene, thresholds, baseline=baseline)
+    by_category = category_aggregates(per_scene, thresholds, baseline)
+    if by_category:
+        agg["categories"] = by_category
     write_json(out_dir / "per_scene.json", list(per_scene))
     write_json(out_dir / "aggregate.json", agg)
     plot_iou_curves(agg, out_dir / "iou_curves.png")
@@ -386,5 +431,7 @@ def write_report(
         plot_example_grid(examples, out_dir / "examples.png")
         pictures.append("examples.png")
     text = markdown_report(agg, title, preamble, pictures)
+    if by_category:
+        text += category_report(by_category)
     atomic_write_bytes(out_dir / "report.md", text.encode("utf-8"))
     return agg

@@ -337,7 +337,8 @@ def run_bench(
                 # New, or made under other DPL settings (e.g. changed model defaults): redo.
                 stored[name] = configs[name]
                 store.save(record, name, run_method(model, method, prepared, settings))
-        per_scene.append({"id": scene.id, "methods": {n: record["methods"][n] for n in names}})
+        methods_run = {n: record["methods"][n] for n in names}
+        per_scene.append({"id": scene.id, "category": scene.category, "methods": methods_run})
         if len(prepared_examples) < examples:
             prepared_examples.append(prepared)
     return write_report(

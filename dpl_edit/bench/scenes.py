@@ -87,6 +87,8 @@ class BenchScene:
     ideal: ImageSource | None = None
     edit_region: np.ndarray | None = None
     """Pixels the ideal edit may change (old and new object masks); None: the edited mask."""
+    category: str = ""
+    """What kind of scene this is (e.g. "close"); reports add a table per category."""
 
     def __post_init__(self) -> None:
         for name in ("id", "source", "target", "edited_object"):
@@ -183,6 +185,7 @@ def _parse_record(record: object, base: Path) -> BenchScene:
         edited_object=record["edited_object"],
         ideal=ideal,
         edit_region=region,
+        category=str(record.get("category", "")),
     )
 
 

@@ -13,6 +13,7 @@ exercised with real files and anyone can inspect or reuse the set.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,16 +31,32 @@ SPLIT_SIZE = 100
 _SWAP_STREAM = 1  # second random stream per scene, for the edit, independent of the layout
 
 
-def world_scene(split: str, index: int) -> BenchScene:
-    """Scene `index` of a split: its render, masks, word swap, ideal edit and edit region.
+CATEGORY_SIZE = 20
+"""Scenes per hard category and split (`world.HARD_CATEGORIES`), after the split's first 100."""
+CATEGORIES = ("two-objects", "three-objects", *world.HARD_CATEGORIES)
+"""Every category of the built-in set: the original scenes alternate two and three objects."""
 
-    The edit region is the union of the edited object's old and new masks plus every pixel the
-    ideal edit changes, so outside it the ideal edit equals the source exactly.
+
+def world_scene(split: str, index: int, category: str | None = None) -> BenchScene:
+    """Scene `index` of a split (or of one of its hard categories): its render, masks, word
+    swap, ideal edit and edit region.
+
+    The original scenes (`category` None) keep their ids and pictures; a hard category's scenes
+    are drawn from their own random streams, ids `<split>-<category>-<index>`. The edit region
+    is the union of the edited object's old and new masks plus every pixel the ideal edit
+    changes, so outside it the ideal edit equals the source exactly.
     """
     seed = SPLIT_SEEDS[split]
-    scene = world.scene_at(seed, index, n_objects=2 + index % 2)
+    if category is None:
+        stream = [seed, index]
+        scene = world.scene_at(seed, index, n_objects=2 + index % 2)
+        scene_id, category = f"{split}-{index:03d}", CATEGORIES[index % 2]
+    else:
+        stream = [seed, 1 + world.HARD_CATEGORIES.index(category), index]
+        scene = world.sample_hard_scene(np.random.default_rng([*stream, 0]), category)
+        scene_id = f"{split}-{category}-{index:03d}"
     edited_shape, ideal, target = world.swap_target(
-        scene, np.random.default_rng([seed, index, _SWAP_STREAM])
+        scene, np.random.default_rng([*stream, _SWAP_STREAM])
     )
     render, ideal_render = scene.render(), ideal.render()
     new_shape = next(o.shape for o in ideal.objects if o not in scene.objects)
@@ -47,7 +64,7 @@ def world_scene(split: str, index: int) -> BenchScene:
     # thin tips reach several pixels out) also changes, so it belongs to the region too.
     fringe = np.any(ideal_render.image != render.image, axis=-1)
     return BenchScene(
-        id=f"{split}-{index:03d}",
+        id=scene_id,
         image=render.image,
         source=render.caption,
         target=target,
@@ -55,17 +72,27 @@ def world_scene(split: str, index: int) -> BenchScene:
         edited_object=edited_shape,
         ideal=ideal_render.image,
         edit_region=render.masks[edited_shape] | ideal_render.masks[new_shape] | fringe,
+        category=category,
     )
 
 
-def world_split(split: str, limit: int | None = None) -> list[BenchScene]:
-    """The first `limit` scenes (all when None) of the 'val' or 'test' split."""
+def world_split(
+    split: str, limit: int | None = None, categories: Sequence[str] | None = None
+) -> list[BenchScene]:
+    """The first `limit` scenes (all when None) of the 'val' or 'test' split, in a fixed order:
+    the 100 original scenes, then each hard category's. `categories` keeps only those (the
+    original scenes are "two-objects" and "three-objects")."""
     if split not in SPLIT_SEEDS:
         raise DplError(f"unknown split '{split}' (use {', '.join(SPLIT_SEEDS)})")
-    count = SPLIT_SIZE if limit is None else min(limit, SPLIT_SIZE)
-    if count < 1:
-        raise DplError(f"--limit must be at least 1, got {limit}")
-    return [world_scene(split, i) for i in range(count)]
+    unknown = [c for c in categories or () if c not in CATEGORIES]
+    if unknown:
+        raise DplError(f"unknown scene category '{unknown[0]}' (use {', '.join(CATEGORIES)})")
+    if limit is not None and limit < 1:
+        raise DplError(f"the scene limit must be at least 1, got {limit}")
+    wanted = set(categories or CATEGORIES)
+    order = [(i, None) for i in range(SPLIT_SIZE) if CATEGORIES[i % 2] in wanted]
+    order += [(i, c) for c in world.HARD_CATEGORIES if c in wanted for i in range(CATEGORY_SIZE)]
+    return [world_scene(split, i, c) for i, c in order[:limit]]
 
 
 def _save(folder: Path, relative: Path, pixels: np.ndarray) -> str:
@@ -76,7 +103,12 @@ def _save(folder: Path, relative: Path, pixels: np.ndarray) -> str:
     return relative.as_posix()
 
 
-def export_world(folder: str | Path, split: str = "test", limit: int | None = None) -> Path:
+def export_world(
+    folder: str | Path,
+    split: str = "test",
+    limit: int | None = None,
+    categories: Sequence[str] | None = None,
+) -> Path:
     """Write a split as `<folder>/<split>.jsonl` with its PNGs; return the JSONL path.
 
     Paths in the file are relative to it, as the external format requires. The JSONL file is
@@ -84,7 +116,7 @@ def export_world(folder: str | Path, split: str = "test", limit: int | None = No
     """
     folder = Path(folder)
     lines = []
-    for scene in world_split(split, limit):
+    for scene in world_split(split, limit, categories):
         sub = Path(scene.id)
         record = {
             "id": scene.id,
@@ -98,6 +130,7 @@ def export_world(folder: str | Path, split: str = "test", limit: int | None = No
             "edited_object": scene.edited_object,
             "ideal": _save(folder, sub / "ideal.png", scene.ideal_image()),
             "edit_region": _save(folder, sub / "edit_region.png", scene.changed_region),
+            "category": scene.category,
         }
         lines.append(json.dumps(record))
     path = folder / f"{split}.jsonl"
