@@ -87,6 +87,13 @@ _TABLE = (
         "paper",
     ),
     BenchMethod(
+        "dpl-words-bg1-levels",
+        "dpl",
+        "paper DPL, word softmax, background weight 1, losses on the 8x8 and 16x16 levels",
+        {**_WORDS, "lambda_bg": 1.0, "loss_res": (8, 16)},
+        "paper",
+    ),
+    BenchMethod(
         "dpl-words-fraction-bg1",
         "dpl",
         "paper DPL, word softmax, fraction thresholds, background weight 1",
