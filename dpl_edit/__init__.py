@@ -10,13 +10,13 @@ __version__ = "0.1.0"
 # Public API, imported on first use so that `import dpl_edit.errors` (or `dpl --help`) does not
 # pay for importing torch and diffusers.
 _EXPORTS = {
-    "load_model": "dpl_edit.model",
-    "LoadedModel": "dpl_edit.model",
-    "invert": "dpl_edit.inversion",
-    "reconstruct": "dpl_edit.inversion",
-    "Inversion": "dpl_edit.inversion",
-    "edit": "dpl_edit.edit",
-    "EditResult": "dpl_edit.edit",
+    "load_model": "dpl_edit.engine.model",
+    "LoadedModel": "dpl_edit.engine.model",
+    "invert": "dpl_edit.engine.inversion",
+    "reconstruct": "dpl_edit.engine.inversion",
+    "Inversion": "dpl_edit.engine.inversion",
+    "edit": "dpl_edit.engine.edit",
+    "EditResult": "dpl_edit.engine.edit",
     "DplError": "dpl_edit.errors",
 }
 __all__ = [
@@ -32,10 +32,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from dpl_edit.edit import EditResult, edit
+    from dpl_edit.engine.edit import EditResult, edit
+    from dpl_edit.engine.inversion import Inversion, invert, reconstruct
+    from dpl_edit.engine.model import LoadedModel, load_model
     from dpl_edit.errors import DplError
-    from dpl_edit.inversion import Inversion, invert, reconstruct
-    from dpl_edit.model import LoadedModel, load_model
 
 
 def __getattr__(name: str) -> Any:

@@ -70,7 +70,7 @@ def _add_common(parser: argparse.ArgumentParser, model: bool = True) -> None:
 
 
 def _add_inversion_options(parser: argparse.ArgumentParser) -> None:
-    from dpl_edit.inversion import METHODS
+    from dpl_edit.engine.inversion import METHODS
 
     parser.add_argument("--method", choices=METHODS, default="dpl", help="inversion method")
     parser.add_argument(
@@ -136,7 +136,7 @@ _DPL_SWITCHES = {"no_at": "use_at", "no_dj": "use_dj", "no_thresholds": "use_thr
 def _dpl_config(args: argparse.Namespace, model) -> Any:
     """DPL's settings: the model's defaults with the options given on top, or None when none
     was (so that `invert` can refuse them for another method instead of ignoring them)."""
-    from dpl_edit.dpl import default_config
+    from dpl_edit.dpl.stage import default_config
 
     values = {field: getattr(args, name) for name, field in _DPL_KNOBS.items()}
     values = {field: value for field, value in values.items() if value is not None}
@@ -150,7 +150,7 @@ def _dpl_config(args: argparse.Namespace, model) -> Any:
 
 def _background(args: argparse.Namespace) -> Any:
     """Background-estimation settings when an option changes them, else None."""
-    from dpl_edit.dpl import BackgroundSettings
+    from dpl_edit.dpl.stage import BackgroundSettings
 
     return None if args.bg_resample is None else BackgroundSettings(resample=args.bg_resample)
 
@@ -192,7 +192,7 @@ def _add_edit_options(parser: argparse.ArgumentParser) -> None:
 def _load_model(args: argparse.Namespace):
     import torch
 
-    from dpl_edit.model import load_model
+    from dpl_edit.engine.model import load_model
 
     torch.manual_seed(args.seed)
     device = args.device
@@ -202,8 +202,8 @@ def _load_model(args: argparse.Namespace):
 
 
 def _invert(args: argparse.Namespace, model, image) -> Any:
-    from dpl_edit.dpl import ORIGINAL_NULL_TEXT
-    from dpl_edit.inversion import invert
+    from dpl_edit.dpl.stage import ORIGINAL_NULL_TEXT
+    from dpl_edit.engine.inversion import invert
 
     return invert(
         model,
@@ -233,7 +233,7 @@ def _inner_steps(inversion) -> dict[str, list[int]]:
 
 
 def _edit(args: argparse.Namespace, model, inversion) -> Any:
-    from dpl_edit.edit import edit
+    from dpl_edit.engine.edit import edit
 
     if args.steps is not None and args.steps != inversion.steps:
         raise DplError(f"the inversion has {inversion.steps} steps; edit cannot change that")
@@ -271,8 +271,8 @@ def _summary(
 
 
 def _run_invert(args: argparse.Namespace) -> Summary:
-    from dpl_edit.atomic import check_folder_target
-    from dpl_edit.images import read_image
+    from dpl_edit.io.atomic import check_folder_target
+    from dpl_edit.io.images import read_image
 
     check_folder_target(args.out, args.overwrite)
     image = read_image(args.image)
@@ -285,7 +285,7 @@ def _run_invert(args: argparse.Namespace) -> Summary:
 
 
 def _run_edit(args: argparse.Namespace) -> Summary:
-    from dpl_edit.inversion import Inversion
+    from dpl_edit.engine.inversion import Inversion
 
     inversion = Inversion.load(args.folder)  # a bad folder fails before the model loads
     model = _load_model(args)
@@ -294,8 +294,8 @@ def _run_edit(args: argparse.Namespace) -> Summary:
 
 
 def _run_attention(args: argparse.Namespace) -> Summary:
-    from dpl_edit.inversion import Inversion
-    from dpl_edit.viz import attention_grid
+    from dpl_edit.engine.inversion import Inversion
+    from dpl_edit.io.pictures import attention_grid
 
     inversion = Inversion.load(args.folder)
     rows = [(inversion.method.upper(), inversion.attention)]
@@ -311,7 +311,7 @@ def _check_comparable(inversion, other, folder: str) -> None:
     """Rows of one grid must show the same words of the same image under the same model."""
     import numpy as np
 
-    from dpl_edit.model import same_model
+    from dpl_edit.engine.model import same_model
 
     if other.prompt != inversion.prompt:
         raise DplError(f"'{folder}' inverts '{other.prompt}', not '{inversion.prompt}'")
@@ -322,8 +322,8 @@ def _check_comparable(inversion, other, folder: str) -> None:
 
 
 def _run_run(args: argparse.Namespace) -> Summary:
-    from dpl_edit.images import read_image, save_png
-    from dpl_edit.viz import attention_grid
+    from dpl_edit.io.images import read_image, save_png
+    from dpl_edit.io.pictures import attention_grid
 
     image = read_image(args.image)
     out = Path(args.out)
@@ -446,14 +446,14 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    from dpl_edit.train_world import add_arguments
+    from dpl_edit.world.training.run import add_arguments
 
     add_arguments(parser)
     _add_common(parser, model=False)
 
 
 def _run_train(args: argparse.Namespace) -> Summary:
-    from dpl_edit.train_world import train
+    from dpl_edit.world.training.run import train
 
     train(args)
     return _summary({"model": args.out, "run": args.run}, {}, {})

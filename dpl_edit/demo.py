@@ -16,8 +16,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from dpl_edit import cli, world
-from dpl_edit.atomic import atomic_write_bytes
+from dpl_edit import cli
+from dpl_edit.io.atomic import atomic_write_bytes
+from dpl_edit.world import synthetic as world
 
 SCENE = world.Scene(
     objects=(

@@ -16,8 +16,8 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from dpl_edit.model import LoadedModel, load_model, sd_ddim_scheduler
-from dpl_edit.tokenizer import build_clip_tokenizer
+from dpl_edit.engine.model import LoadedModel, load_model, sd_ddim_scheduler
+from dpl_edit.world.tokenizer import build_clip_tokenizer
 
 torch.set_num_threads(1)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpl_edit.align import refinement_mapper, replacement_mapper
+from dpl_edit.engine.align import refinement_mapper, replacement_mapper
 from dpl_edit.errors import DplError
-from dpl_edit.tokenizer import build_clip_tokenizer
+from dpl_edit.world.tokenizer import build_clip_tokenizer
 
 L = 16
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dpl_edit.background import (
+from dpl_edit.dpl.background import (
     background_mask_at,
     estimate_background,
     load_mask_png,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dpl_edit.bench.metrics import (
+from dpl_edit.metrics import (
     best_iou,
     bootstrap_ci,
     iou_curve,

@@ -14,13 +14,14 @@ import pytest
 import torch
 from conftest import build_tiny_sd
 
-from dpl_edit import cli, world
+from dpl_edit import cli
 from dpl_edit.bench import runner
 from dpl_edit.bench.methods import BenchSettings, resolve_methods
 from dpl_edit.bench.scenes import caption_words, load_jsonl
 from dpl_edit.bench.world_set import SPLIT_SIZE, export_world, world_split
+from dpl_edit.engine.model import LoadedModel, load_model
 from dpl_edit.errors import DplError
-from dpl_edit.model import LoadedModel, load_model
+from dpl_edit.world import synthetic as world
 
 SETTINGS = BenchSettings(steps=2)
 METHODS = ["ddim", "nti"]
@@ -179,7 +180,7 @@ def test_unknown_or_unavailable_methods_fail_before_any_work(
         resolve_methods(["nti", "bogus"])
     assert cli.main(["bench", "--methods", "bogus", "--model", "/nonexistent"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown method 'bogus'")
-    monkeypatch.setattr("dpl_edit.inversion.METHODS", ("ddim", "nti"))
+    monkeypatch.setattr("dpl_edit.engine.inversion.METHODS", ("ddim", "nti"))
     with pytest.raises(DplError, match="dpl-bg needs 'dpl' inversion.*does not provide"):
         resolve_methods(["ddim", "dpl-bg"])
     assert [m.name for m in resolve_methods(["nti", "ddim", "nti"])] == ["nti", "ddim"]

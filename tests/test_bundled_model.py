@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpl_edit import world
-from dpl_edit.bench.metrics import psnr
 from dpl_edit.cli import main
 from dpl_edit.demo import SCENE, TARGET
-from dpl_edit.model import BUNDLED_MODEL, load_model
+from dpl_edit.engine.model import BUNDLED_MODEL, load_model
+from dpl_edit.metrics import psnr
+from dpl_edit.world import synthetic as world
 
 pytestmark = pytest.mark.skipif(
     not (BUNDLED_MODEL / "model_index.json").exists(), reason="bundled model not trained yet"
@@ -57,7 +57,7 @@ def test_dpl_run_uses_the_models_object_words_and_edits_locally(tmp_path, capsys
 
 
 def test_null_text_inversion_beats_ddim_on_the_bundled_model(bundled):
-    from dpl_edit.inversion import invert, reconstruct
+    from dpl_edit.engine.inversion import invert, reconstruct
 
     render = world.scene_at(31337, 0).render()
     image = Image.fromarray(render.image)

@@ -10,15 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from dpl_edit.attention import CrossAttentionStore, controlled_attention
-from dpl_edit.ddim import Ddim
-from dpl_edit.dpl import ORIGINAL_NULL_TEXT, BackgroundSettings
-from dpl_edit.edit import edit
+from dpl_edit.dpl.losses import DplLossConfig, balancing_loss, disjoint_loss
+from dpl_edit.dpl.stage import ORIGINAL_NULL_TEXT, BackgroundSettings
+from dpl_edit.engine.attention import CrossAttentionStore, controlled_attention
+from dpl_edit.engine.ddim import Ddim
+from dpl_edit.engine.edit import edit
+from dpl_edit.engine.inversion import Inversion, invert, step_embeddings
+from dpl_edit.engine.model import load_model
+from dpl_edit.engine.text import encode_text
 from dpl_edit.errors import DplError
-from dpl_edit.inversion import Inversion, invert, step_embeddings
-from dpl_edit.losses import DplLossConfig, balancing_loss, disjoint_loss
-from dpl_edit.model import load_model
-from dpl_edit.text import encode_text
 
 PROMPT = "a cat and a dog"
 CAT, DOG = 2, 5
@@ -148,7 +148,7 @@ def test_edit_uses_the_learned_vectors_for_both_prompts(
 ):
     """Every P2P mode encodes source and target with the step's vectors (`target_slots`: the
     target positions of the learned words -> their row)."""
-    import dpl_edit.inversion as inversion_module
+    import dpl_edit.engine.inversion as inversion_module
 
     calls = []
 
@@ -205,7 +205,7 @@ def test_one_multi_token_word_from_the_object_list(tiny_model):
 
 def test_no_background_found_skips_the_loss_with_one_warning(tiny_model, caplog):
     # Threshold 0 lets every cluster be claimed by a word, so nothing is left for background.
-    caplog.set_level(logging.WARNING, logger="dpl_edit.dpl")
+    caplog.set_level(logging.WARNING, logger="dpl_edit.dpl.stage")
     inversion = _invert(
         tiny_model, words=["cat", "dog"], background=BackgroundSettings(threshold=0.0)
     )
@@ -226,7 +226,7 @@ def test_user_mask_and_no_background(tiny_model, tmp_path, caplog):
     assert np.array_equal(np.asarray(user.extras["background"]) > 0, mask > 0)
     assert all(s["first"]["bg"] is not None for s in user.extras["dpl_trace"])
 
-    caplog.set_level(logging.WARNING, logger="dpl_edit.dpl")
+    caplog.set_level(logging.WARNING, logger="dpl_edit.dpl.stage")
     off = _invert(tiny_model, words=["dog"], no_bg=True)
     assert off.settings["dpl"]["background_source"] == "off"
     assert all(not s["first"]["bg_skipped"] for s in off.extras["dpl_trace"])

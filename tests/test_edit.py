@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from dpl_edit.edit import cross_replace_alpha, edit
+from dpl_edit.engine.edit import cross_replace_alpha, edit
+from dpl_edit.engine.inversion import DynamicTokens, invert, reconstruct
 from dpl_edit.errors import DplError
-from dpl_edit.inversion import DynamicTokens, invert, reconstruct
 
 PROMPT = "a cat and a dog"
 

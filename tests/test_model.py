@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dpl_edit.engine.model import ModelDefaults, load_model, same_model
 from dpl_edit.errors import DplError
-from dpl_edit.model import ModelDefaults, load_model, same_model
 
 
 def test_loads_sd_layout_with_sd_scheduler_settings(tiny_model):
@@ -71,7 +71,7 @@ def test_retrained_weights_get_a_new_identity(tiny_model, tiny_model_dir, tmp_pa
 
 
 def test_large_weight_files_are_sampled_not_read_whole(tmp_path):
-    from dpl_edit.model import _content_sample
+    from dpl_edit.engine.model import _content_sample
 
     big = tmp_path / "big.bin"
     data = bytearray(8 << 20)
@@ -87,7 +87,7 @@ def test_env_var_and_bundled_fallback(tiny_model_dir, monkeypatch):
     monkeypatch.setenv("DPL_MODEL", str(tiny_model_dir))
     assert load_model().identity.startswith("tiny-sd@")
     monkeypatch.delenv("DPL_MODEL")
-    monkeypatch.setattr("dpl_edit.model.BUNDLED_MODEL", Path("/nonexistent/world"))
+    monkeypatch.setattr("dpl_edit.engine.model.BUNDLED_MODEL", Path("/nonexistent/world"))
     with pytest.raises(DplError, match="DPL_MODEL"):
         load_model()
 

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from dpl_edit.cli import main
-from dpl_edit.model import load_model
-from dpl_edit.train_world import TrainConfig, lr_factor
+from dpl_edit.engine.model import load_model
+from dpl_edit.world.training.run import TrainConfig, lr_factor
 
 
 def test_warmup_ramps_linearly_from_the_fresh_optimiser_step():

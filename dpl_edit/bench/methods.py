@@ -36,8 +36,8 @@ class BenchMethod:
         """The `DplLossConfig` this row runs on `model`, or None for non-DPL rows."""
         if self.dpl_switches is None:
             return None
-        from dpl_edit.dpl import default_config  # torch-heavy; only DPL rows need it
-        from dpl_edit.losses import DplLossConfig
+        from dpl_edit.dpl.losses import DplLossConfig
+        from dpl_edit.dpl.stage import default_config  # torch-heavy; only DPL rows need it
 
         base = default_config(model) if self.base == "model" else DplLossConfig()
         return replace(base, **self.dpl_switches)
@@ -121,7 +121,7 @@ class BenchSettings:
 
 def resolve_methods(names: Sequence[str]) -> list[BenchMethod]:
     """Look up method names ("all" = every row), refusing unknown or not-yet-available ones."""
-    from dpl_edit.inversion import METHODS as INVERSION_METHODS
+    from dpl_edit.engine.inversion import METHODS as INVERSION_METHODS
 
     if "all" in names:
         names = list(METHODS)

@@ -53,8 +53,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from dpl_edit.atomic import atomic_write_bytes
-from dpl_edit.bench.metrics import (
+from dpl_edit.io.atomic import atomic_write_bytes
+from dpl_edit.metrics import (
     DEFAULT_THRESHOLDS,
     LeakageShares,
     bootstrap_ci,

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from transformers import CLIPTokenizer
 
+from dpl_edit.engine.text import prompt_tokens, word_spans
 from dpl_edit.errors import DplError
-from dpl_edit.text import prompt_tokens, word_spans
 
 
 def replacement_mapper(

@@ -41,12 +41,12 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from dpl_edit import world
-from dpl_edit.attention import CrossAttentionStore, controlled_attention
+from dpl_edit.engine.attention import CrossAttentionStore, controlled_attention
+from dpl_edit.engine.model import BUNDLED_MODEL, sd_ddim_scheduler
+from dpl_edit.engine.text import find_word
 from dpl_edit.errors import DplError
-from dpl_edit.model import sd_ddim_scheduler
-from dpl_edit.text import find_word
-from dpl_edit.tokenizer import build_clip_tokenizer
+from dpl_edit.world import synthetic as world
+from dpl_edit.world.tokenizer import build_clip_tokenizer
 
 TEXT_LEN = 24
 # Where training runs: the GPU when there is one (set in `main`); random numbers are always drawn
@@ -584,10 +584,10 @@ def export(run: Path, out: Path, cfg: TrainConfig) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `dpl train-world` (also `python -m dpl_edit.train_world`)."""
+    """Options of `dpl train-world` (also `python -m dpl_edit.world.training.run`)."""
     parser.add_argument("--run", type=Path, default=Path("runs/world"), help="checkpoint folder")
     parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "models" / "world",
+        "--out", type=Path, default=BUNDLED_MODEL,
         help="where the finished diffusers folder goes (default: the bundled model)",
     )  # fmt: skip
     parser.add_argument("--vae-steps", type=int, help="VAE steps (total, resumable)")

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.cluster import KMeans
 
+from dpl_edit.dpl.word_maps import WordTokenGroups, word_maps
 from dpl_edit.errors import DplError
-from dpl_edit.word_maps import WordTokenGroups, word_maps
 
 MaskResample = Literal["majority", "any"]
 
@@ -96,7 +96,7 @@ def estimate_background(
     `self_attn` [N, N] is the inversion-averaged self-attention at resolution r (N = r*r, one
     row per query pixel, in row-major pixel order); `cross_maps` [rc, rc, text_len] the averaged
     cross-attention. `word_token_groups[k]` are the token indices of `words[k]`; multi-token
-    words are combined by `dpl_edit.word_maps`. K-means (`n_init` restarts, `random_state=seed`
+    words are combined by `dpl_edit.dpl.word_maps`. K-means (`n_init` restarts, `random_state=seed`
     so a rerun gives the same clusters) groups the N rows; each word's map is resized to r x r
     and normalised; a cluster goes to the word with the highest mean score over its pixels if
     that score exceeds `threshold`, otherwise to the background. Same-label clusters merge.

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from dpl_edit.atomic import atomic_write_bytes
 from dpl_edit.errors import DplError
+from dpl_edit.io.atomic import atomic_write_bytes
 
 
 def read_image(path: str | os.PathLike) -> Image.Image:

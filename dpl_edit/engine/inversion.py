@@ -22,17 +22,17 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dpl_edit.artifacts import Artifact, read_artifact, write_artifact
-from dpl_edit.attention import AttentionController, CrossAttentionStore, controlled_attention
-from dpl_edit.ddim import Ddim
+from dpl_edit.dpl.losses import DplLossConfig
+from dpl_edit.engine.attention import AttentionController, CrossAttentionStore, controlled_attention
+from dpl_edit.engine.ddim import Ddim
+from dpl_edit.engine.model import LoadedModel, same_model
+from dpl_edit.engine.text import encode_text, find_word, prompt_tokens, word_spans
 from dpl_edit.errors import DplError
-from dpl_edit.images import image_to_tensor, load_image, prepare_image
-from dpl_edit.losses import DplLossConfig
-from dpl_edit.model import LoadedModel, same_model
-from dpl_edit.text import encode_text, find_word, prompt_tokens, word_spans
+from dpl_edit.io.artifacts import Artifact, read_artifact, write_artifact
+from dpl_edit.io.images import image_to_tensor, load_image, prepare_image
 
 if TYPE_CHECKING:
-    from dpl_edit.dpl import BackgroundSettings
+    from dpl_edit.dpl.stage import BackgroundSettings
 
 METHODS = ("ddim", "nti", "dpl")
 ARTIFACT_KIND = "inversion"
@@ -364,7 +364,7 @@ def invert(
     plan = None
     if method == "dpl":
         # dpl.py builds on this module, so it is imported when used rather than at the top.
-        from dpl_edit.dpl import DplPlan
+        from dpl_edit.dpl.stage import DplPlan
 
         plan = DplPlan.create(model, prompt, words, dpl_config, background, bg_mask, no_bg)
     if isinstance(image, Image.Image):

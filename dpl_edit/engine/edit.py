@@ -19,21 +19,21 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dpl_edit.align import refinement_mapper, replacement_mapper
-from dpl_edit.attention import AttentionController, CrossAttentionStore, controlled_attention
-from dpl_edit.ddim import Ddim
-from dpl_edit.errors import DplError
-from dpl_edit.images import save_png
-from dpl_edit.inversion import Inversion, step_embeddings
-from dpl_edit.model import LoadedModel, same_model
-from dpl_edit.p2p import (
+from dpl_edit.engine.align import refinement_mapper, replacement_mapper
+from dpl_edit.engine.attention import AttentionController, CrossAttentionStore, controlled_attention
+from dpl_edit.engine.ddim import Ddim
+from dpl_edit.engine.inversion import Inversion, step_embeddings
+from dpl_edit.engine.model import LoadedModel, same_model
+from dpl_edit.engine.p2p import (
     AttentionEdit,
     AttentionRefine,
     AttentionReplace,
     AttentionReweight,
     LocalBlend,
 )
-from dpl_edit.text import find_word, prompt_tokens, word_token_positions
+from dpl_edit.engine.text import find_word, prompt_tokens, word_token_positions
+from dpl_edit.errors import DplError
+from dpl_edit.io.images import save_png
 
 MODES = ("replace", "refine")
 Window = float | tuple[float, float]

@@ -1,6 +1,6 @@
 """Quality gates of the bundled model, measured on held-out world scenes.
 
-    python -m dpl_edit.gates [--model FOLDER] [--out gates.json] [--quick] [--card | --card-only]
+    python -m dpl_edit.world.gates [--model FOLDER] [--out gates.json] [--quick] [--card | --card-only]
 
 Four numbers decide whether the model is fit to ship (targets in brackets):
 - VAE reconstruction PSNR on 500 held-out scenes [>= 30 dB];
@@ -24,14 +24,15 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dpl_edit import checker, world
-from dpl_edit.atomic import atomic_write_bytes
-from dpl_edit.bench.metrics import best_iou, leakage, psnr
-from dpl_edit.ddim import Ddim
-from dpl_edit.images import image_to_tensor
-from dpl_edit.inversion import invert, reconstruct
-from dpl_edit.model import BUNDLED_MODEL, LoadedModel, load_model
-from dpl_edit.text import encode_text, find_word
+from dpl_edit.engine.ddim import Ddim
+from dpl_edit.engine.inversion import invert, reconstruct
+from dpl_edit.engine.model import BUNDLED_MODEL, LoadedModel, load_model
+from dpl_edit.engine.text import encode_text, find_word
+from dpl_edit.io.atomic import atomic_write_bytes
+from dpl_edit.io.images import image_to_tensor
+from dpl_edit.metrics import best_iou, leakage, psnr
+from dpl_edit.world import checker
+from dpl_edit.world import synthetic as world
 
 HELD_OUT_SEED = 424242
 TARGETS = {"vae_psnr": 30.0, "generation_rate": 0.8, "nti_psnr": 28.0, "attention_iou": 0.3}
@@ -192,7 +193,7 @@ on a CPU. It is not a general image model: it knows only the world below.
 - Shapes (the object words, `dpl_defaults.json`): {", ".join(world.SHAPES)}.
 - Colours: {", ".join(world.COLORS)}. Backgrounds: {", ".join(world.BACKGROUNDS)}.
 - Captions: `a red circle and a blue square on a white background`, 1-3 objects with distinct
-  shapes and colours, listed in random order. 64x64 RGB scenes rendered by `dpl_edit.world`
+  shapes and colours, listed in random order. 64x64 RGB scenes rendered by `dpl_edit.world.synthetic`
   (training seed 0; held-out gates use seed {HELD_OUT_SEED}), each with exact object masks.
 - Tokenizer: Stable Diffusion's CLIP BPE reduced to the merges the vocabulary needs (the same
   token splits as SD for these words), maximum length 24.
@@ -206,10 +207,10 @@ on a CPU. It is not a general image model: it knows only the world below.
   0.00085-0.012, 1000 steps), epsilon prediction.
 - Weights stored in float16 (loaded as float32 by dpl-edit).
 
-## Training (`python -m dpl_edit.train_world`, CPU, 2 cores)
+## Training (`python -m dpl_edit.world.training.run`, CPU, 2 cores)
 {training.get("summary", "")}
 
-## Quality gates (`python -m dpl_edit.gates --out gates.json`)
+## Quality gates (`python -m dpl_edit.world.gates --out gates.json`)
 | gate | value | target | |
 |---|---|---|---|
 {row("VAE reconstruction PSNR, 500 held-out scenes (dB)", "vae_psnr", ".2f", f">= {t['vae_psnr']}")}
@@ -218,7 +219,7 @@ on a CPU. It is not a general image model: it knows only the world below.
 {row("object-word attention IoU under NTI (best threshold)", "attention_iou", ".3f", f">= {t['attention_iou']}")}
 
 Attention leakage under NTI (share of an object word's attention outside its object):
-{results["attention_leakage"]:.3f}. The generation gate's checker (`dpl_edit.checker`) judges
+{results["attention_leakage"]:.3f}. The generation gate's checker (`dpl_edit.world.checker`) judges
 {results["checker_accuracy"]:.1%} of rendered held-out scenes correctly.
 {training.get("notes", "")}
 """

@@ -26,7 +26,7 @@ from transformers.utils import logging as transformers_logging
 
 from dpl_edit.errors import DplError
 
-BUNDLED_MODEL = Path(__file__).parent / "models" / "world"
+BUNDLED_MODEL = Path(__file__).parent.parent / "models" / "world"
 DEFAULTS_FILE = "dpl_defaults.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 import torch
 from transformers import CLIPTokenizer
 
+from dpl_edit.engine.model import LoadedModel
 from dpl_edit.errors import DplError
-from dpl_edit.model import LoadedModel
 
 TokenVectors = Mapping[tuple[int, int], torch.Tensor]
 """(prompt index, token position) -> replacement input-embedding vector."""

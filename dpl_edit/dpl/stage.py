@@ -7,7 +7,7 @@ of its own, (b) does not overlap the other chosen words' maps and (c) stays off 
 noisiest step starts from the word's own token embedding and each later step only refines.
 
 Only the vectors are optimised: they replace the token-embedding output at the word's positions
-(see `dpl_edit.text`), so the frozen model, its vocabulary and every other word are untouched.
+(see `dpl_edit.engine.text`), so the frozen model, its vocabulary and every other word are untouched.
 The background mask comes from the DDIM inversion pass (K-means on self-attention, section 3),
 from a user's file, or not at all.
 """
@@ -24,14 +24,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from dpl_edit.attention import (
-    AttentionController,
-    CrossAttentionStore,
-    SelfAttentionStore,
-    attention_layers,
-    controlled_attention,
-)
-from dpl_edit.background import (
+from dpl_edit.dpl.background import (
     BackgroundEstimate,
     MaskResample,
     background_mask_at,
@@ -40,11 +33,18 @@ from dpl_edit.background import (
     mask_image,
     mask_images,
 )
+from dpl_edit.dpl.losses import DplLossConfig, LossReport, evaluate_losses
+from dpl_edit.engine.attention import (
+    AttentionController,
+    CrossAttentionStore,
+    SelfAttentionStore,
+    attention_layers,
+    controlled_attention,
+)
+from dpl_edit.engine.inversion import DynamicTokens, NullTextSettings
+from dpl_edit.engine.model import LoadedModel
+from dpl_edit.engine.text import encode_text, prompt_tokens, word_spans, word_token_positions
 from dpl_edit.errors import DplError
-from dpl_edit.inversion import DynamicTokens, NullTextSettings
-from dpl_edit.losses import DplLossConfig, LossReport, evaluate_losses
-from dpl_edit.model import LoadedModel
-from dpl_edit.text import encode_text, prompt_tokens, word_spans, word_token_positions
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def choose_words(model: LoadedModel, prompt: str, words: Sequence[str] | None) -
 def word_token_groups(model: LoadedModel, prompt: str, words: Sequence[str]) -> list[list[int]]:
     """Each word's token positions in the prompt (every occurrence, every sub-token).
 
-    The losses sum a word's token maps (`dpl_edit.word_maps`), so a word split by BPE, or
+    The losses sum a word's token maps (`dpl_edit.dpl.word_maps`), so a word split by BPE, or
     written twice, is scored as one object.
     """
     groups = [word_token_positions(model.tokenizer, prompt, word) for word in words]

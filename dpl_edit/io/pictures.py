@@ -21,7 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from dpl_edit.atomic import atomic_write_bytes
+from dpl_edit.io.atomic import atomic_write_bytes
 
 Words = Sequence[tuple[str, Sequence[int]]]
 
