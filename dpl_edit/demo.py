@@ -9,15 +9,14 @@ edit and ideal edit side by side in `demo.png`, so the result can be judged at a
 from __future__ import annotations
 
 import argparse
-import io
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image
 
 from dpl_edit import cli
-from dpl_edit.io.atomic import atomic_write_bytes
+from dpl_edit.engine.settings import InversionSettings
+from dpl_edit.io.images import save_png
+from dpl_edit.io.pictures import panel
 from dpl_edit.world import synthetic as world
 
 SCENE = world.Scene(
@@ -32,31 +31,16 @@ SCENE = world.Scene(
 TARGET = SCENE.edited("square", new_shape="triangle")
 
 
-def panel(images: list[tuple[str, Image.Image]], path: Path) -> Path:
-    """Labelled images in one row, pixel-exact (nearest upscaling)."""
-    figure = Figure(figsize=(2.4 * len(images), 2.7), dpi=100)
-    FigureCanvasAgg(figure)
-    for i, (label, image) in enumerate(images):
-        axis = figure.add_subplot(1, len(images), i + 1)
-        axis.imshow(image, interpolation="nearest")
-        axis.set_title(label, fontsize=9)
-        axis.set_axis_off()
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return atomic_write_bytes(path, buffer.getvalue())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("demo"))
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=InversionSettings.steps)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     source, ideal = SCENE.render(), TARGET.render()
     scene_path, ideal_path = args.out / "scene.png", args.out / "ideal.png"
-    atomic_write_bytes(scene_path, _png(Image.fromarray(source.image)))
-    atomic_write_bytes(ideal_path, _png(Image.fromarray(ideal.image)))
+    save_png(Image.fromarray(source.image), scene_path)
+    save_png(Image.fromarray(ideal.image), ideal_path)
     edit_path = args.out / "edit.png"
     code = cli.main(
         ["run", str(scene_path), "--prompt", source.caption, "--target", ideal.caption]
@@ -73,12 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     summary = panel(images, args.out / "demo.png")
     print(f"demo picture: {summary}")
     return 0
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 if __name__ == "__main__":

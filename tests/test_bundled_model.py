@@ -31,6 +31,7 @@ def bundled():
 def test_bundled_model_loads_with_its_defaults(bundled):
     assert bundled.resolution == world.SIZE and bundled.latent_size == world.SIZE // 4
     assert set(bundled.defaults.object_words) == set(world.SHAPES)
+    assert bundled.defaults.vocabulary == world.VOCABULARY
     assert bundled.text_len == 24
     assert not any(p.requires_grad for p in bundled.unet.parameters())
 
@@ -66,3 +67,16 @@ def test_null_text_inversion_beats_ddim_on_the_bundled_model(bundled):
         inversion = invert(bundled, image, render.caption, method, steps=10, progress=False)
         scores[method] = psnr(np.asarray(reconstruct(bundled, inversion)[1]), render.image)
     assert scores["nti"] > scores["ddim"] + 1.0
+
+
+def test_unknown_word_is_refused_with_the_vocabulary_before_any_work(tmp_path, capsys):
+    """The issue's example: "dragon" is not a world word (BPE would give d ra g on)."""
+    Image.fromarray(SCENE.render().image).save(tmp_path / "scene.png")
+    argv = ["run", str(tmp_path / "scene.png")]
+    argv += ["--prompt", "a purple dragon and a blue circle on a white background"]
+    argv += ["--target", "a purple star and a blue circle on a white background"]
+    assert main(argv + ["--out", str(tmp_path / "edit.png"), *STEPS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the word 'dragon'") and "\n" not in err
+    assert ", ".join(sorted(world.VOCABULARY)) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.png"]

@@ -12,12 +12,13 @@ from PIL import Image
 
 from dpl_edit.dpl.losses import DplLossConfig, balancing_loss, disjoint_loss
 from dpl_edit.dpl.stage import ORIGINAL_NULL_TEXT, BackgroundSettings
+from dpl_edit.engine.artifact import Inversion
 from dpl_edit.engine.attention import CrossAttentionStore, controlled_attention
 from dpl_edit.engine.ddim import Ddim
 from dpl_edit.engine.edit import edit
-from dpl_edit.engine.inversion import Inversion, invert, step_embeddings
+from dpl_edit.engine.inversion import invert
 from dpl_edit.engine.model import load_model
-from dpl_edit.engine.text import encode_text
+from dpl_edit.engine.text import encode_text, step_embeddings
 from dpl_edit.errors import DplError
 
 PROMPT = "a cat and a dog"
@@ -148,7 +149,7 @@ def test_edit_uses_the_learned_vectors_for_both_prompts(
 ):
     """Every P2P mode encodes source and target with the step's vectors (`target_slots`: the
     target positions of the learned words -> their row)."""
-    import dpl_edit.engine.inversion as inversion_module
+    import dpl_edit.engine.text as text_module
 
     calls = []
 
@@ -156,7 +157,7 @@ def test_edit_uses_the_learned_vectors_for_both_prompts(
         calls.append((list(prompts), token_vectors))
         return encode_text(model, prompts, token_vectors)
 
-    monkeypatch.setattr(inversion_module, "encode_text", spy)
+    monkeypatch.setattr(text_module, "encode_text", spy)
     edit(tiny_model, dpl_inversion, target, progress=False, **options)
     assert len(calls) == STEPS
     vectors = dpl_inversion.dynamic_tokens.vectors
@@ -240,7 +241,7 @@ def test_user_mask_and_no_background(tiny_model, tmp_path, caplog):
     [
         ({"words": ["lion"]}, "word 'lion' is not in the prompt"),
         ({"words": ["dog", "dog"]}, "named once"),
-        ({}, "no list of object words.*--words"),
+        ({}, "no list of object words.*name the words to learn"),
     ],
 )
 def test_user_errors(tiny_model, options, message):
@@ -253,7 +254,7 @@ def test_no_object_word_in_the_prompt_and_options_without_dpl(tiny_model):
 
     defaults = dataclasses.replace(tiny_model.defaults, object_words=("lion",))
     model = dataclasses.replace(tiny_model, defaults=defaults)
-    with pytest.raises(DplError, match="none of this model's object words.*--words"):
+    with pytest.raises(DplError, match="none of this model's object words.*name the words"):
         _invert(model)
     with pytest.raises(DplError, match="need method 'dpl'"):
         invert(tiny_model, tiny_image(), PROMPT, method="nti", words=["dog"])
@@ -274,7 +275,7 @@ def _cli_error(capsys, argv) -> str:
     ("options", "message"),
     [
         (["--method", "dpl", "--words", "lion"], "word 'lion' is not in the prompt"),
-        (["--method", "dpl"], "no list of object words; name the words to learn with --words"),
+        (["--method", "dpl"], "no list of object words; name the words to learn"),
         (["--method", "nti", "--words", "dog"], "need method 'dpl'"),
         (["--method", "nti", "--lambda-at", "2"], "need method 'dpl'"),
         ([], "no list of object words"),  # DPL is the default method

@@ -9,13 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from dpl_edit.engine.inversion import (
-    DynamicTokens,
-    Inversion,
-    NullTextSettings,
-    invert,
-    reconstruct,
-)
+from dpl_edit.engine.artifact import Inversion
+from dpl_edit.engine.inversion import invert, reconstruct
+from dpl_edit.engine.settings import NullTextSettings
+from dpl_edit.engine.text import DynamicTokens
 from dpl_edit.errors import DplError
 
 PROMPT = "a cat and a dog"

@@ -98,7 +98,7 @@ def test_not_an_sd_model(bad, tmp_path):
         (tmp_path / "m").mkdir()
         (tmp_path / "m" / "model_index.json").write_text("{}")
         bad = str(tmp_path / "m")
-    with pytest.raises(DplError, match="pass a local diffusers Stable Diffusion folder"):
+    with pytest.raises(DplError, match="give a local diffusers Stable Diffusion folder"):
         load_model(bad)
 
 
@@ -126,3 +126,8 @@ def test_encode_decode_round_trip_shapes(tiny_model):
     assert latent.shape == (1, 4, 16, 16)
     (image,) = tiny_model.decode_latents(latent)
     assert image.size == (32, 32) and image.mode == "RGB"
+
+
+def test_auto_device_is_the_gpu_when_there_is_one(tiny_model_dir):
+    model = load_model(tiny_model_dir, device="auto")
+    assert model.device.type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -50,11 +50,11 @@ from dpl_edit.bench.scenes import BenchScene, caption_words
 from dpl_edit.engine.edit import edit
 from dpl_edit.engine.inversion import invert
 from dpl_edit.engine.model import LoadedModel
-from dpl_edit.engine.text import find_word, prompt_tokens
+from dpl_edit.engine.text import check_prompt, find_word, prompt_tokens
 from dpl_edit.errors import DplError
 from dpl_edit.io.atomic import atomic_write_bytes
 from dpl_edit.io.images import prepare_image, save_png
-from dpl_edit.metrics import DEFAULT_THRESHOLDS, iou_curve, leakage, psnr, ssim
+from dpl_edit.metrics import DEFAULT_THRESHOLDS, DEFINITIONS, iou_curve, leakage, psnr, ssim
 from dpl_edit.world import checker
 from dpl_edit.world import synthetic as world
 
@@ -247,7 +247,7 @@ class SceneStore:
         if record.get("settings") != self.settings:
             raise DplError(
                 f"{path} was made with other settings ({record.get('settings')}); use another"
-                " --out folder or delete it"
+                " output folder or delete it"
             )
         return record
 
@@ -293,6 +293,8 @@ def _preamble(
         f" {model.device.type} ({platform.machine()}, {torch.get_num_threads()} torch threads).",
         f"Settings: {json.dumps(asdict(settings))}.",
         "",
+        f"Metrics (`dpl_edit.metrics`): {'; '.join(DEFINITIONS)}.",
+        "",
         "Methods (all edited with Prompt-to-Prompt, same settings and seed):",
         "",
     ]
@@ -319,8 +321,8 @@ def run_bench(
         raise DplError("no scenes to run")
     for scene in scenes:  # refuse a caption the model cannot take before hours of work
         try:
-            prompt_tokens(model.tokenizer, scene.source)
-            prompt_tokens(model.tokenizer, scene.target)
+            check_prompt(model, scene.source)
+            check_prompt(model, scene.target)
         except DplError as e:
             raise DplError(f"scene '{scene.id}': {e}") from None
     out_dir = Path(out_dir)

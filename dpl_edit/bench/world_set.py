@@ -64,7 +64,7 @@ def world_split(split: str, limit: int | None = None) -> list[BenchScene]:
         raise DplError(f"unknown split '{split}' (use {', '.join(SPLIT_SEEDS)})")
     count = SPLIT_SIZE if limit is None else min(limit, SPLIT_SIZE)
     if count < 1:
-        raise DplError(f"--limit must be at least 1, got {limit}")
+        raise DplError(f"the scene limit must be at least 1, got {limit}")
     return [world_scene(split, i) for i in range(count)]
 
 

@@ -41,9 +41,16 @@ from dpl_edit.engine.attention import (
     attention_layers,
     controlled_attention,
 )
-from dpl_edit.engine.inversion import DynamicTokens, NullTextSettings
 from dpl_edit.engine.model import LoadedModel
-from dpl_edit.engine.text import encode_text, prompt_tokens, word_spans, word_token_positions
+from dpl_edit.engine.settings import NullTextSettings
+from dpl_edit.engine.text import (
+    DynamicTokens,
+    bare_word,
+    encode_text,
+    prompt_tokens,
+    word_spans,
+    word_token_positions,
+)
 from dpl_edit.errors import DplError
 
 log = logging.getLogger(__name__)
@@ -52,8 +59,6 @@ ORIGINAL_NULL_TEXT = NullTextSettings(inner_steps=51, early_stop=None, warm_star
 """The DPL code's null-text stage: 51 steps from the empty prompt's embedding at every step, no
 early stop (section 4.6). NTI's warm-started, early-stopped default is cheaper and is what we use
 unless asked for this."""
-
-_PUNCTUATION = ".,;:!?\"'()[]"
 
 
 @dataclass(frozen=True)
@@ -95,18 +100,16 @@ def choose_words(model: LoadedModel, prompt: str, words: Sequence[str] | None) -
         return chosen
     objects = set(model.defaults.object_words)
     if not objects:
-        raise DplError(
-            "this model has no list of object words; name the words to learn with --words"
-        )
+        raise DplError("this model has no list of object words; name the words to learn")
     chosen = []
     for word, _ in word_spans(model.tokenizer, prompt):
-        bare = word.strip(_PUNCTUATION).lower()
+        bare = bare_word(word)
         if bare in objects and bare not in chosen:
             chosen.append(bare)
     if not chosen:
         raise DplError(
             f"the prompt '{prompt}' names none of this model's object words; name the words "
-            "to learn with --words"
+            "to learn"
         )
     return chosen
 
@@ -275,7 +278,7 @@ class TokenStage:
         if report.bg_skipped and not self._warned:
             log.warning(
                 "no background was found, so DPL's background-leakage loss is skipped; "
-                "give a mask with --bg-mask, or silence this with --no-bg"
+                "give a background mask, or turn the background loss off"
             )
             self._warned = True
 
@@ -319,7 +322,7 @@ class DplPlan:
         config = config or default_config(model)
         background = background or BackgroundSettings()
         if bg_mask is not None and no_bg:
-            raise DplError("--bg-mask and --no-bg contradict each other; use one of them")
+            raise DplError("a background mask and no background loss contradict each other")
         chosen = choose_words(model, prompt, words)
         groups = word_token_groups(model, prompt, chosen)
         levels = loss_levels(model, config)

@@ -56,6 +56,15 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
 
 
+def tensor_to_arrays(pixels: torch.Tensor) -> np.ndarray:
+    """[N, 3, H, W] pixels in [-1, 1] -> [N, H, W, 3] uint8, rounded as a saved picture is.
+
+    The one conversion back to pictures: decoded images, and the training's and the gates'
+    PSNR, all see the same 8-bit values."""
+    array = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    return array.permute(0, 2, 3, 1).cpu().numpy()
+
+
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     """Save as PNG atomically (written to a temporary sibling, then renamed)."""
     buffer = io.BytesIO()
