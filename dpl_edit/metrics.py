@@ -1,6 +1,6 @@
 """Benchmark metrics: attention localisation and leakage, image fidelity, bootstrap intervals.
 
-Localisation follows the DPL paper's protocol (docs/dpl-algorithm.md §7.2): a noun's
+Localisation follows the DPL paper's protocol (docs/algorithm.md section 6): a noun's
 time-averaged cross-attention map is normalised by its max, resized to the mask size,
 normalised by its max again and thresholded at τ; the IoU with the object mask is swept over τ.
 The resize is **bilinear** (half-pixel centres, as PIL and OpenCV resize, antialiased when

@@ -1,6 +1,6 @@
 """Background estimation for DPL's background-leakage loss, and background masks as PNG files.
 
-The background mask B comes from the inversion pass (docs/dpl-algorithm.md section 3): pixels
+The background mask B comes from the inversion pass (docs/algorithm.md section 3): pixels
 are clustered by their time-averaged self-attention rows (pixels of one object attend to the
 same places), and each cluster is handed to the chosen word whose cross-attention covers it
 best, or to the background when no word covers it well. A user may supply B as a PNG instead.

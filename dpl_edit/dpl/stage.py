@@ -3,12 +3,12 @@
 At every denoising step of null-text inversion, before the null text is fitted, the input
 embedding of each chosen word is optimised so that its cross-attention map (a) has a strong peak
 of its own, (b) does not overlap the other chosen words' maps and (c) stays off the background
-(docs/dpl-algorithm.md section 4). The vectors of a step start from the previous step's, so the
+(docs/algorithm.md section 4). The vectors of a step start from the previous step's, so the
 noisiest step starts from the word's own token embedding and each later step only refines.
 
 Only the vectors are optimised: they replace the token-embedding output at the word's positions
 (see `dpl_edit.engine.text`), so the frozen model, its vocabulary and every other word are untouched.
-The background mask comes from the DDIM inversion pass (K-means on self-attention, section 3),
+The background mask comes from the DDIM inversion pass (K-means on self-attention, docs/algorithm.md section 3),
 from a user's file, or not at all.
 """
 
@@ -57,13 +57,13 @@ log = logging.getLogger(__name__)
 
 ORIGINAL_NULL_TEXT = NullTextSettings(inner_steps=51, early_stop=None, warm_start=False)
 """The DPL code's null-text stage: 51 steps from the empty prompt's embedding at every step, no
-early stop (section 4.6). NTI's warm-started, early-stopped default is cheaper and is what we use
+early stop (docs/algorithm.md section 4.6). NTI's warm-started, early-stopped default is cheaper and is what we use
 unless asked for this."""
 
 
 @dataclass(frozen=True)
 class BackgroundSettings:
-    """How the background mask is estimated (section 3) and brought to the loss's resolution.
+    """How the background mask is estimated (docs/algorithm.md section 3) and brought to the loss's resolution.
 
     `resample` "majority" keeps the mask's area; "any" reproduces the original code's dilated
     mask (any cell the bicubic shrink leaves non-zero counts as background).
@@ -179,7 +179,7 @@ class TokenStage:
     latent records the cross-attention at the loss resolution with gradient, the losses are
     evaluated, and the loop stops as soon as they are all under their thresholds, else takes
     one optimiser step. The original code's vocabulary growing and row restoring is replaced by
-    optimising the vectors alone, which is the same update (section 10).
+    optimising the vectors alone, which is the same update (docs/algorithm.md section 4.7).
     """
 
     def __init__(

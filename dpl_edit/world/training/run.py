@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from dpl_edit.engine.model import BUNDLED_MODEL, DEFAULTS_FILE
 from dpl_edit.errors import DplError
+from dpl_edit.io.atomic import atomic_write_bytes
 from dpl_edit.world.training.data import TrainConfig, build_components
 from dpl_edit.world.training.export import export, seed_run
 from dpl_edit.world.training.unet import train_unet
@@ -90,7 +91,7 @@ def train(request: TrainRequest) -> Path:
     seeding = shipped is not None and not (request.run / "unet.safetensors").exists()
     if seeding:  # a fresh optimiser on trained weights warms up again
         cfg.warm_start = shipped["unet_steps"]
-    (request.run / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    atomic_write_bytes(request.run / "config.json", json.dumps(asdict(cfg), indent=1).encode())
     if seeding:
         seed_run(request.resume_from, shipped, request.run, cfg)
     if request.threads:
