@@ -8,15 +8,22 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 # Public API, imported on first use so that `import dpl_edit.errors` (or `dpl --help`) does not
-# pay for importing torch and diffusers.
+# pay for importing torch and diffusers. The modules behind these names may move (they did, into
+# engine/, dpl/, io/ and world/); the names stay, pinned by tests/test_public_api.py.
 _EXPORTS = {
-    "load_model": "dpl_edit.model",
-    "LoadedModel": "dpl_edit.model",
-    "invert": "dpl_edit.inversion",
-    "reconstruct": "dpl_edit.inversion",
-    "Inversion": "dpl_edit.inversion",
-    "edit": "dpl_edit.edit",
-    "EditResult": "dpl_edit.edit",
+    "load_model": "dpl_edit.engine.model",
+    "LoadedModel": "dpl_edit.engine.model",
+    "invert": "dpl_edit.engine.inversion",
+    "reconstruct": "dpl_edit.engine.inversion",
+    "Inversion": "dpl_edit.engine.artifact",
+    "edit": "dpl_edit.engine.edit",
+    "EditResult": "dpl_edit.engine.edit",
+    "InversionSettings": "dpl_edit.engine.settings",
+    "NullTextSettings": "dpl_edit.engine.settings",
+    "EditSettings": "dpl_edit.engine.settings",
+    "DplLossConfig": "dpl_edit.dpl.losses",
+    "BackgroundSettings": "dpl_edit.dpl.stage",
+    "ORIGINAL_NULL_TEXT": "dpl_edit.dpl.stage",
     "DplError": "dpl_edit.errors",
 }
 __all__ = [
@@ -28,14 +35,24 @@ __all__ = [
     "Inversion",
     "edit",
     "EditResult",
+    "InversionSettings",
+    "NullTextSettings",
+    "EditSettings",
+    "DplLossConfig",
+    "BackgroundSettings",
+    "ORIGINAL_NULL_TEXT",
     "DplError",
 ]
 
 if TYPE_CHECKING:
-    from dpl_edit.edit import EditResult, edit
+    from dpl_edit.dpl.losses import DplLossConfig
+    from dpl_edit.dpl.stage import ORIGINAL_NULL_TEXT, BackgroundSettings
+    from dpl_edit.engine.artifact import Inversion
+    from dpl_edit.engine.edit import EditResult, edit
+    from dpl_edit.engine.inversion import invert, reconstruct
+    from dpl_edit.engine.model import LoadedModel, load_model
+    from dpl_edit.engine.settings import EditSettings, InversionSettings, NullTextSettings
     from dpl_edit.errors import DplError
-    from dpl_edit.inversion import Inversion, invert, reconstruct
-    from dpl_edit.model import LoadedModel, load_model
 
 
 def __getattr__(name: str) -> Any:

@@ -18,6 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from dpl_edit import __version__
+from dpl_edit.engine.settings import (
+    DEVICES,
+    DTYPES,
+    METHODS,
+    MODES,
+    EditSettings,
+    InversionSettings,
+)
 from dpl_edit.errors import DplError
 
 Summary = dict[str, Any]
@@ -53,26 +61,40 @@ def _cross_steps(text: str) -> tuple[str, float]:
         ) from None
 
 
-def _add_common(parser: argparse.ArgumentParser, model: bool = True) -> None:
+_INVERSION = InversionSettings()
+_THE_INVERSIONS = None
+"""Default of an edit's steps and guidance: None, the inversion's own."""
+
+
+def _add_common(
+    parser: argparse.ArgumentParser,
+    model: bool = True,
+    steps: int | None = _INVERSION.steps,
+    guidance: float | None = _INVERSION.guidance,
+) -> None:
+    """Options every model-using command takes; `steps` and `guidance` are its defaults."""
     group = parser.add_argument_group("common options")
     if model:
         group.add_argument(
             "--model", help="diffusers SD folder (default: $DPL_MODEL, then bundled)"
         )
-        group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
-        group.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-        group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        group.add_argument("--device", default="auto", help=f"{DEVICES} (default: %(default)s)")
         group.add_argument(
-            "--steps", type=int, help="DDIM steps (default 50; edit: the inversion's)"
+            "--dtype", default=DTYPES[0], choices=DTYPES, help="(default: %(default)s)"
         )
-        group.add_argument("--guidance", type=float, help="guidance scale (default 7.5)")
+        group.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+        group.add_argument("--steps", type=int, default=steps,
+                           help="DDIM steps (default: %(default)s)" if steps else
+                           "DDIM steps (default and only choice: the inversion's)")  # fmt: skip
+        group.add_argument("--guidance", type=float, default=guidance,
+                           help="guidance scale (default: %(default)s)" if guidance else
+                           "guidance scale (default: the inversion's)")  # fmt: skip
     group.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
 
 def _add_inversion_options(parser: argparse.ArgumentParser) -> None:
-    from dpl_edit.inversion import METHODS
-
-    parser.add_argument("--method", choices=METHODS, default="dpl", help="inversion method")
+    parser.add_argument("--method", choices=METHODS, default=_INVERSION.method,
+                        help="inversion method (default: %(default)s)")  # fmt: skip
     parser.add_argument(
         "--resize", action="store_true", help="stretch non-square images instead of cropping"
     )
@@ -80,7 +102,10 @@ def _add_inversion_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_dpl_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("Dynamic Prompt Learning (--method dpl)")
+    group = parser.add_argument_group(
+        "Dynamic Prompt Learning (--method dpl)",
+        "Unset options keep the model's DPL settings (dpl_defaults.json), else the paper's.",
+    )
     group.add_argument("--words", nargs="+", metavar="WORD",
                        help="words that get dynamic tokens (default: the prompt's words in the "
                        "model's object list)")  # fmt: skip
@@ -90,20 +115,20 @@ def _add_dpl_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-at", action="store_true", help="no attention-balancing loss")
     group.add_argument("--no-dj", action="store_true", help="no disjoint-object loss")
     group.add_argument("--lambda-at", type=float, metavar="W",
-                       help="weight of the balancing loss (1.0)")  # fmt: skip
+                       help="weight of the balancing loss")  # fmt: skip
     group.add_argument("--lambda-dj", type=float, metavar="W",
-                       help="weight of the disjoint loss (0.05)")  # fmt: skip
+                       help="weight of the disjoint loss")  # fmt: skip
     group.add_argument("--lambda-bg", type=float, metavar="W",
-                       help="weight of the background loss (0.05)")  # fmt: skip
+                       help="weight of the background loss")  # fmt: skip
     group.add_argument("--token-inner-steps", type=int, metavar="N",
-                       help="most token updates per step (21; 0 keeps the words' embeddings)")  # fmt: skip
+                       help="most token updates per step (0 keeps the words' embeddings)")  # fmt: skip
     group.add_argument("--no-thresholds", action="store_true",
                        help="take every inner step, ignoring the loss thresholds (ablation)")  # fmt: skip
     group.add_argument("--softmax-tokens", choices=["paper", "words"],
                        help="tokens in the balancing loss's sharpened softmax: every position "
                        "but the first and last (paper) or the prompt's own tokens (words)")  # fmt: skip
     group.add_argument("--loss-res", type=int, nargs="+", metavar="RES",
-                       help="attention level(s) the losses read, as side lengths (default: the "
+                       help="attention level(s) the losses read, as side lengths (unset: the "
                        "model's cross-attention level)")  # fmt: skip
     group.add_argument("--threshold-index", choices=["step", "fraction"],
                        help="index the loss thresholds by step, or by the fraction of the "
@@ -114,8 +139,8 @@ def _add_dpl_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gaussian-formula", choices=["ae-quirk", "standard"],
                        help="balancing-loss smoothing: the paper code's (ae-quirk) or textbook")  # fmt: skip
     group.add_argument("--null-text-original", action="store_true",
-                       help="the DPL code's null text: 51 steps from the empty prompt at every "
-                       "step, no early stop (default: NTI's)")  # fmt: skip
+                       help="the DPL code's null text: many steps from the empty prompt at "
+                       "every step, no early stop (unset: NTI's)")  # fmt: skip
 
 
 _DPL_KNOBS = {
@@ -136,7 +161,7 @@ _DPL_SWITCHES = {"no_at": "use_at", "no_dj": "use_dj", "no_thresholds": "use_thr
 def _dpl_config(args: argparse.Namespace, model) -> Any:
     """DPL's settings: the model's defaults with the options given on top, or None when none
     was (so that `invert` can refuse them for another method instead of ignoring them)."""
-    from dpl_edit.dpl import default_config
+    from dpl_edit.dpl.stage import default_config
 
     values = {field: getattr(args, name) for name, field in _DPL_KNOBS.items()}
     values = {field: value for field, value in values.items() if value is not None}
@@ -150,17 +175,21 @@ def _dpl_config(args: argparse.Namespace, model) -> Any:
 
 def _background(args: argparse.Namespace) -> Any:
     """Background-estimation settings when an option changes them, else None."""
-    from dpl_edit.dpl import BackgroundSettings
+    from dpl_edit.dpl.stage import BackgroundSettings
 
     return None if args.bg_resample is None else BackgroundSettings(resample=args.bg_resample)
+
+
+_EDIT = EditSettings()
 
 
 def _add_edit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode",
-        choices=["replace", "refine"],
-        default="replace",
-        help="replace: swap words (same word count); refine: add/remove words",
+        choices=MODES,
+        default=_EDIT.mode,
+        help="replace: swap words (same word count); refine: add/remove words (default: "
+        "%(default)s)",
     )
     parser.add_argument(
         "--reweight",
@@ -183,35 +212,32 @@ def _add_edit_options(parser: argparse.ArgumentParser) -> None:
         type=_cross_steps,
         default=[],
         metavar="F|WORD=F",
-        help="fraction of steps injecting cross-attention (0.8)",
+        help=f"fraction of steps injecting cross-attention (default: {_EDIT.cross_replace_steps})",
     )
-    parser.add_argument("--self-steps", type=float, default=0.5,
-                        help="fraction of steps injecting self-attention (0.5)")  # fmt: skip
+    parser.add_argument("--self-steps", type=float, default=_EDIT.self_replace_steps,
+                        help="fraction of steps injecting self-attention (default: %(default)s)")  # fmt: skip
 
 
 def _load_model(args: argparse.Namespace):
     import torch
 
-    from dpl_edit.model import load_model
+    from dpl_edit.engine.model import load_model
 
     torch.manual_seed(args.seed)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return load_model(args.model, device=device, dtype=args.dtype)
+    return load_model(args.model, device=args.device, dtype=args.dtype)
 
 
 def _invert(args: argparse.Namespace, model, image) -> Any:
-    from dpl_edit.dpl import ORIGINAL_NULL_TEXT
-    from dpl_edit.inversion import invert
+    from dpl_edit.dpl.stage import ORIGINAL_NULL_TEXT
+    from dpl_edit.engine.inversion import invert
 
     return invert(
         model,
         image,
         args.prompt,
         method=args.method,
-        steps=args.steps or 50,
-        guidance=7.5 if args.guidance is None else args.guidance,
+        steps=args.steps,
+        guidance=args.guidance,
         resize=args.resize,
         null_text=ORIGINAL_NULL_TEXT if args.null_text_original else None,
         words=args.words,
@@ -233,7 +259,7 @@ def _inner_steps(inversion) -> dict[str, list[int]]:
 
 
 def _edit(args: argparse.Namespace, model, inversion) -> Any:
-    from dpl_edit.edit import edit
+    from dpl_edit.engine.edit import edit
 
     if args.steps is not None and args.steps != inversion.steps:
         raise DplError(f"the inversion has {inversion.steps} steps; edit cannot change that")
@@ -244,7 +270,7 @@ def _edit(args: argparse.Namespace, model, inversion) -> Any:
         mode=args.mode,
         reweight=dict(args.reweight),
         blend=args.blend,
-        cross_replace_steps={"default_": 0.8, **dict(args.cross_steps)},
+        cross_replace_steps={"default_": _EDIT.cross_replace_steps, **dict(args.cross_steps)},
         self_replace_steps=args.self_steps,
         guidance=args.guidance,
     )
@@ -271,8 +297,8 @@ def _summary(
 
 
 def _run_invert(args: argparse.Namespace) -> Summary:
-    from dpl_edit.atomic import check_folder_target
-    from dpl_edit.images import read_image
+    from dpl_edit.io.atomic import check_folder_target
+    from dpl_edit.io.images import read_image
 
     check_folder_target(args.out, args.overwrite)
     image = read_image(args.image)
@@ -285,7 +311,7 @@ def _run_invert(args: argparse.Namespace) -> Summary:
 
 
 def _run_edit(args: argparse.Namespace) -> Summary:
-    from dpl_edit.inversion import Inversion
+    from dpl_edit.engine.artifact import Inversion
 
     inversion = Inversion.load(args.folder)  # a bad folder fails before the model loads
     model = _load_model(args)
@@ -294,8 +320,8 @@ def _run_edit(args: argparse.Namespace) -> Summary:
 
 
 def _run_attention(args: argparse.Namespace) -> Summary:
-    from dpl_edit.inversion import Inversion
-    from dpl_edit.viz import attention_grid
+    from dpl_edit.engine.artifact import Inversion
+    from dpl_edit.io.pictures import attention_grid
 
     inversion = Inversion.load(args.folder)
     rows = [(inversion.method.upper(), inversion.attention)]
@@ -311,7 +337,7 @@ def _check_comparable(inversion, other, folder: str) -> None:
     """Rows of one grid must show the same words of the same image under the same model."""
     import numpy as np
 
-    from dpl_edit.model import same_model
+    from dpl_edit.engine.model import same_model
 
     if other.prompt != inversion.prompt:
         raise DplError(f"'{folder}' inverts '{other.prompt}', not '{inversion.prompt}'")
@@ -322,12 +348,14 @@ def _check_comparable(inversion, other, folder: str) -> None:
 
 
 def _run_run(args: argparse.Namespace) -> Summary:
-    from dpl_edit.images import read_image, save_png
-    from dpl_edit.viz import attention_grid
+    from dpl_edit.engine.text import check_prompt
+    from dpl_edit.io.images import read_image, save_png
+    from dpl_edit.io.pictures import attention_grid
 
     image = read_image(args.image)
     out = Path(args.out)
     model = _load_model(args)
+    check_prompt(model, args.target)  # the edit's target is refused before the inversion runs
     inversion = _invert(args, model, image)
     result = _edit(args, model, inversion)
     outputs = {
@@ -363,7 +391,7 @@ def _edit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", required=True, help="the edited prompt")
     parser.add_argument("--out", required=True, help="edited image (PNG)")
     _add_edit_options(parser)
-    _add_common(parser)
+    _add_common(parser, steps=_THE_INVERSIONS, guidance=_THE_INVERSIONS)
 
 
 def _attention_arguments(parser: argparse.ArgumentParser) -> None:
@@ -411,11 +439,7 @@ def _run_bench(args: argparse.Namespace) -> Summary:
         scenes = world_split(args.split, args.limit, args.categories)
         which = "" if not args.categories else f" ({', '.join(args.categories)})"
         scene_set = f"built-in world {args.split} split{which}, first {len(scenes)} scenes"
-    settings = BenchSettings(
-        steps=args.steps or BenchSettings.steps,
-        guidance=7.5 if args.guidance is None else args.guidance,
-        seed=args.seed,
-    )
+    settings = BenchSettings(steps=args.steps, guidance=args.guidance, seed=args.seed)
     start = time.perf_counter()
     run_bench(_load_model(args), scenes, args.out, args.methods, settings, scene_set)
     outputs = {name: Path(args.out) / name for name in ("report.md", "aggregate.json")}
@@ -444,22 +468,42 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="write the --split scenes as JSONL + PNGs into DIR and stop",
     )
-    _add_common(parser)
-    parser.epilog = f"--steps defaults to {BenchSettings.steps} here (cost: README, `dpl bench`)."
+    _add_common(parser, steps=BenchSettings.steps, guidance=BenchSettings.guidance)
+    parser.epilog = "Cost grows with --steps and --limit (README, `dpl bench`)."
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    from dpl_edit.train_world import add_arguments
+    from dpl_edit.world.training.run import TrainRequest
 
-    add_arguments(parser)
+    defaults = TrainRequest()
+    parser.add_argument("--run", type=Path, default=defaults.run,
+                        help="checkpoint folder (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=defaults.out,
+                        help="where the finished diffusers folder goes (default: the bundled model)")  # fmt: skip
+    parser.add_argument("--vae-steps", type=int, help="VAE steps (total, resumable)")
+    parser.add_argument("--unet-steps", type=int, help="UNet steps (total, resumable)")
+    parser.add_argument("--decoder-steps", type=int, help="decoder fine-tuning steps")
+    parser.add_argument("--attn-guide-weight", type=float, help="weak attention hint (0 = off)")
+    parser.add_argument("--lr-decay-from", type=int, metavar="STEP",
+                        help="cosine-decay the UNet/text learning rate from STEP to its floor at "
+                        "the last step")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="seed of a new run (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=defaults.threads,
+                        help="CPU threads (default: %(default)s, torch's choice)")  # fmt: skip
+    parser.add_argument("--export-only", action="store_true", help="only write --out from --run")
+    parser.add_argument("--resume-from", type=Path, metavar="MODEL",
+                        help="start an empty --run from a shipped model folder (e.g. the bundled one)")  # fmt: skip
     _add_common(parser, model=False)
 
 
 def _run_train(args: argparse.Namespace) -> Summary:
-    from dpl_edit.train_world import train
+    from dpl_edit.world.training.run import TrainRequest, train
 
-    train(args)
-    return _summary({"model": args.out, "run": args.run}, {}, {})
+    fields = {"run", "out", "seed", "threads", "vae_steps", "unet_steps", "decoder_steps"}
+    fields |= {"attn_guide_weight", "lr_decay_from", "resume_from", "export_only"}
+    model = train(TrainRequest(**{name: getattr(args, name) for name in fields}))
+    return _summary({"model": model, "run": args.run}, {}, {})
 
 
 COMMANDS: list[Command] = [

@@ -1,23 +1,27 @@
 """`make demo`: edit a scene of the synthetic world with the bundled model, offline.
 
 Renders "a red circle and a blue square on a white background" with its exact ideal edit
-("... a blue triangle ..."), then runs the main job, `dpl run`, on it: inversion (DPL when
-available), Prompt-to-Prompt word swap, attention grid. Finally it puts source, reconstruction,
-edit and ideal edit side by side in `demo.png`, so the result can be judged at a glance.
+("... a blue triangle ..."), then runs the main job, `dpl run`, on it twice: once with plain
+null-text inversion (NTI) and once with Dynamic Prompt Learning (DPL, the default), each followed
+by the same Prompt-to-Prompt word swap. `demo.png` puts source, reconstruction, both edits and
+the ideal edit in one row, and under it the edited word's attention map under NTI and under DPL:
+the point of the project is that DPL's map stays on its object, so its edit does too.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+import numpy as np
 from PIL import Image
 
-from dpl_edit import cli, world
-from dpl_edit.atomic import atomic_write_bytes
+from dpl_edit import cli
+from dpl_edit.engine.artifact import Inversion
+from dpl_edit.engine.settings import InversionSettings
+from dpl_edit.io.images import save_png
+from dpl_edit.io.pictures import overlay, panel, word_maps
+from dpl_edit.world import synthetic as world
 
 SCENE = world.Scene(
     objects=(
@@ -28,56 +32,51 @@ SCENE = world.Scene(
     texture_seed=0,
     order=(0, 1),
 )
-TARGET = SCENE.edited("square", new_shape="triangle")
-
-
-def panel(images: list[tuple[str, Image.Image]], path: Path) -> Path:
-    """Labelled images in one row, pixel-exact (nearest upscaling)."""
-    figure = Figure(figsize=(2.4 * len(images), 2.7), dpi=100)
-    FigureCanvasAgg(figure)
-    for i, (label, image) in enumerate(images):
-        axis = figure.add_subplot(1, len(images), i + 1)
-        axis.imshow(image, interpolation="nearest")
-        axis.set_title(label, fontsize=9)
-        axis.set_axis_off()
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return atomic_write_bytes(path, buffer.getvalue())
+EDITED = "square"
+TARGET = SCENE.edited(EDITED, new_shape="triangle")
+METHODS = ("nti", "dpl")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("demo"))
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=InversionSettings.steps)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     source, ideal = SCENE.render(), TARGET.render()
     scene_path, ideal_path = args.out / "scene.png", args.out / "ideal.png"
-    atomic_write_bytes(scene_path, _png(Image.fromarray(source.image)))
-    atomic_write_bytes(ideal_path, _png(Image.fromarray(ideal.image)))
-    edit_path = args.out / "edit.png"
-    code = cli.main(
-        ["run", str(scene_path), "--prompt", source.caption, "--target", ideal.caption]
-        + ["--out", str(edit_path), "--steps", str(args.steps)]
-    )
-    if code:
-        return code
+    save_png(Image.fromarray(source.image), scene_path)
+    save_png(Image.fromarray(ideal.image), ideal_path)
+    for method in METHODS:
+        code = cli.main(
+            ["run", str(scene_path), "--prompt", source.caption, "--target", ideal.caption]
+            + ["--out", str(args.out / f"{method}.png"), "--steps", str(args.steps)]
+            + ["--method", method]
+        )
+        if code:
+            return code
     images = [
         ("source", Image.open(scene_path)),
-        ("reconstruction", Image.open(args.out / "edit_source.png")),
-        ("P2P edit", Image.open(edit_path)),
+        ("reconstruction (DPL)", Image.open(args.out / "dpl_source.png")),
+        ("NTI edit", Image.open(args.out / "nti.png")),
+        ("DPL edit", Image.open(args.out / "dpl.png")),
         ("ideal edit", Image.open(ideal_path)),
     ]
-    summary = panel(images, args.out / "demo.png")
+    maps = [
+        (f"'{EDITED}' under {m.upper()}", _word_overlay(args.out / f"{m}_inversion"))
+        for m in METHODS
+    ]
+    summary = panel(images, args.out / "demo.png", maps)
     print(f"demo picture: {summary}")
     return 0
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+def _word_overlay(folder: Path) -> Image.Image:
+    """The edited word's time-averaged attention over the source, from a saved inversion."""
+    inversion = Inversion.load(folder)
+    words = [(w, p) for w, p in inversion.words if w.strip(".,").lower() == EDITED]
+    heat = word_maps(inversion.attention, words)[0]
+    return Image.fromarray(np.uint8(np.rint(overlay(inversion.image, heat) * 255)))
 
 
 if __name__ == "__main__":

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from dpl_edit.model import LoadedModel, load_model, sd_ddim_scheduler
-from dpl_edit.tokenizer import build_clip_tokenizer
+from dpl_edit.engine.model import LoadedModel, load_model, save_model_folder, sd_ddim_scheduler
+from dpl_edit.world.tokenizer import build_clip_tokenizer
 
 torch.set_num_threads(1)
 
@@ -81,17 +81,7 @@ def build_tiny_sd(
     )
     _calm_down(unet, text_encoder)
     scheduler = sd_ddim_scheduler(prediction_type)
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(folder)
+    save_model_folder(folder, vae, text_encoder, tokenizer, unet, scheduler)
     # Like the bundled model: attention sizes chosen for a small latent, not SD's ratios.
     write_defaults(folder, cross_attention_res=8, self_attention_res=16, blend_res=8)
     return folder

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from dpl_edit.attention import (
+from dpl_edit.engine.attention import (
     AttentionController,
     AttnLayer,
     ControlledAttnProcessor,
@@ -15,7 +15,7 @@ from dpl_edit.attention import (
     attention_layers,
     controlled_attention,
 )
-from dpl_edit.text import encode_text
+from dpl_edit.engine.text import encode_text
 
 
 def _inputs(model, batch=2):

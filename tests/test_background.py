@@ -9,11 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dpl_edit.background import (
+from dpl_edit.dpl.background import (
     background_mask_at,
     estimate_background,
     load_mask_png,
-    save_masks_png,
 )
 from dpl_edit.errors import DplError
 
@@ -186,18 +185,3 @@ class TestMaskFiles:
         Image.new("L", (64, 64), 0).save(tmp_path / "black.png")
         with pytest.raises(DplError, match="no white"):
             load_mask_png(tmp_path / "black.png", 8)
-
-    def test_save_and_reload_round_trip(self, tmp_path):
-        result = estimate({2: [1], (4, 5): [3]}, [[2], [4, 5]], ["cat", "dog"])
-        written = save_masks_png(result, tmp_path, size=64)
-        assert sorted(p.name for p in written) == ["background.png", "word-cat.png", "word-dog.png"]
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)
-        assert torch.equal(load_mask_png(tmp_path / "background.png", RES), result.background)
-        assert torch.equal(load_mask_png(tmp_path / "word-dog.png", RES), result.word_masks["dog"])
-
-    def test_no_background_removes_a_stale_file(self, tmp_path):
-        Image.new("L", (8, 8), 255).save(tmp_path / "background.png")
-        result = estimate({2: [0, 1, 2], 3: [3, 4]}, [[2], [3]], ["cat", "dog"])
-        written = save_masks_png(result, tmp_path, size=16)
-        assert not (tmp_path / "background.png").exists()
-        assert sorted(p.name for p in written) == ["word-cat.png", "word-dog.png"]

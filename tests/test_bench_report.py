@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpl_edit.bench.metrics import bootstrap_ci
 from dpl_edit.bench.report import ExampleRow, aggregate, plot_example_grid, write_report
+from dpl_edit.metrics import bootstrap_ci
 
 THRESHOLDS = [0.0, 0.5, 1.0]
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpl_edit import world
-from dpl_edit.bench.metrics import psnr
 from dpl_edit.cli import main
 from dpl_edit.demo import SCENE, TARGET
-from dpl_edit.model import BUNDLED_MODEL, load_model
+from dpl_edit.engine.model import BUNDLED_MODEL, load_model
+from dpl_edit.metrics import psnr
+from dpl_edit.world import synthetic as world
 
 pytestmark = pytest.mark.skipif(
     not (BUNDLED_MODEL / "model_index.json").exists(), reason="bundled model not trained yet"
@@ -31,6 +31,7 @@ def bundled():
 def test_bundled_model_loads_with_its_defaults(bundled):
     assert bundled.resolution == world.SIZE and bundled.latent_size == world.SIZE // 4
     assert set(bundled.defaults.object_words) == set(world.SHAPES)
+    assert bundled.defaults.vocabulary == world.VOCABULARY
     assert bundled.text_len == 24
     assert not any(p.requires_grad for p in bundled.unet.parameters())
 
@@ -57,7 +58,7 @@ def test_dpl_run_uses_the_models_object_words_and_edits_locally(tmp_path, capsys
 
 
 def test_null_text_inversion_beats_ddim_on_the_bundled_model(bundled):
-    from dpl_edit.inversion import invert, reconstruct
+    from dpl_edit.engine.inversion import invert, reconstruct
 
     render = world.scene_at(31337, 0).render()
     image = Image.fromarray(render.image)
@@ -66,3 +67,16 @@ def test_null_text_inversion_beats_ddim_on_the_bundled_model(bundled):
         inversion = invert(bundled, image, render.caption, method, steps=10, progress=False)
         scores[method] = psnr(np.asarray(reconstruct(bundled, inversion)[1]), render.image)
     assert scores["nti"] > scores["ddim"] + 1.0
+
+
+def test_unknown_word_is_refused_with_the_vocabulary_before_any_work(tmp_path, capsys):
+    """The issue's example: "dragon" is not a world word (BPE would give d ra g on)."""
+    Image.fromarray(SCENE.render().image).save(tmp_path / "scene.png")
+    argv = ["run", str(tmp_path / "scene.png")]
+    argv += ["--prompt", "a purple dragon and a blue circle on a white background"]
+    argv += ["--target", "a purple star and a blue circle on a white background"]
+    assert main(argv + ["--out", str(tmp_path / "edit.png"), *STEPS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the word 'dragon'") and "\n" not in err
+    assert ", ".join(sorted(world.VOCABULARY)) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.png"]

@@ -92,7 +92,7 @@ def test_prompt_too_long(tiny_model_dir, image_file, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--target", "a cat and a big lion"], "--mode refine"),
+        (["--target", "a cat and a big lion"], "mode 'refine'"),
         (["--target", "a cat and a lion", "--reweight", "tiger=2"], "'tiger' is not in"),
         (["--target", "a cat and a lion", "--blend", "tiger"], "in neither"),
         (["--target", "a cat and a lion", "--steps", "7"], "has 3 steps"),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpl_edit.ddim import Ddim
-from dpl_edit.model import sd_ddim_scheduler
+from dpl_edit.engine.ddim import Ddim
+from dpl_edit.engine.model import sd_ddim_scheduler
 
 
 def test_sd_timesteps():

@@ -10,15 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from dpl_edit.attention import CrossAttentionStore, controlled_attention
-from dpl_edit.ddim import Ddim
-from dpl_edit.dpl import ORIGINAL_NULL_TEXT, BackgroundSettings
-from dpl_edit.edit import edit
+from dpl_edit.dpl.losses import DplLossConfig, balancing_loss, disjoint_loss
+from dpl_edit.dpl.stage import ORIGINAL_NULL_TEXT, BackgroundSettings
+from dpl_edit.engine.artifact import Inversion
+from dpl_edit.engine.attention import CrossAttentionStore, controlled_attention
+from dpl_edit.engine.ddim import Ddim
+from dpl_edit.engine.edit import edit
+from dpl_edit.engine.inversion import invert
+from dpl_edit.engine.model import load_model
+from dpl_edit.engine.text import encode_text, step_embeddings
 from dpl_edit.errors import DplError
-from dpl_edit.inversion import Inversion, invert, step_embeddings
-from dpl_edit.losses import DplLossConfig, balancing_loss, disjoint_loss
-from dpl_edit.model import load_model
-from dpl_edit.text import encode_text
 
 PROMPT = "a cat and a dog"
 CAT, DOG = 2, 5
@@ -172,7 +173,7 @@ def test_edit_uses_the_learned_vectors_for_both_prompts(
 ):
     """Every P2P mode encodes source and target with the step's vectors (`target_slots`: the
     target positions of the learned words -> their row)."""
-    import dpl_edit.inversion as inversion_module
+    import dpl_edit.engine.text as text_module
 
     calls = []
 
@@ -180,7 +181,7 @@ def test_edit_uses_the_learned_vectors_for_both_prompts(
         calls.append((list(prompts), token_vectors))
         return encode_text(model, prompts, token_vectors)
 
-    monkeypatch.setattr(inversion_module, "encode_text", spy)
+    monkeypatch.setattr(text_module, "encode_text", spy)
     edit(tiny_model, dpl_inversion, target, progress=False, **options)
     assert len(calls) == STEPS
     vectors = dpl_inversion.dynamic_tokens.vectors
@@ -229,7 +230,7 @@ def test_one_multi_token_word_from_the_object_list(tiny_model):
 
 def test_no_background_found_skips_the_loss_with_one_warning(tiny_model, caplog):
     # Threshold 0 lets every cluster be claimed by a word, so nothing is left for background.
-    caplog.set_level(logging.WARNING, logger="dpl_edit.dpl")
+    caplog.set_level(logging.WARNING, logger="dpl_edit.dpl.stage")
     inversion = _invert(
         tiny_model, words=["cat", "dog"], background=BackgroundSettings(threshold=0.0)
     )
@@ -250,7 +251,7 @@ def test_user_mask_and_no_background(tiny_model, tmp_path, caplog):
     assert np.array_equal(np.asarray(user.extras["background"]) > 0, mask > 0)
     assert all(s["first"]["bg"] is not None for s in user.extras["dpl_trace"])
 
-    caplog.set_level(logging.WARNING, logger="dpl_edit.dpl")
+    caplog.set_level(logging.WARNING, logger="dpl_edit.dpl.stage")
     off = _invert(tiny_model, words=["dog"], no_bg=True)
     assert off.settings["dpl"]["background_source"] == "off"
     assert all(not s["first"]["bg_skipped"] for s in off.extras["dpl_trace"])
@@ -264,7 +265,7 @@ def test_user_mask_and_no_background(tiny_model, tmp_path, caplog):
     [
         ({"words": ["lion"]}, "word 'lion' is not in the prompt"),
         ({"words": ["dog", "dog"]}, "named once"),
-        ({}, "no list of object words.*--words"),
+        ({}, "no list of object words.*name the words to learn"),
     ],
 )
 def test_user_errors(tiny_model, options, message):
@@ -277,7 +278,7 @@ def test_no_object_word_in_the_prompt_and_options_without_dpl(tiny_model):
 
     defaults = dataclasses.replace(tiny_model.defaults, object_words=("lion",))
     model = dataclasses.replace(tiny_model, defaults=defaults)
-    with pytest.raises(DplError, match="none of this model's object words.*--words"):
+    with pytest.raises(DplError, match="none of this model's object words.*name the words"):
         _invert(model)
     with pytest.raises(DplError, match="need method 'dpl'"):
         invert(tiny_model, tiny_image(), PROMPT, method="nti", words=["dog"])
@@ -298,7 +299,7 @@ def _cli_error(capsys, argv) -> str:
     ("options", "message"),
     [
         (["--method", "dpl", "--words", "lion"], "word 'lion' is not in the prompt"),
-        (["--method", "dpl"], "no list of object words; name the words to learn with --words"),
+        (["--method", "dpl"], "no list of object words; name the words to learn"),
         (["--method", "nti", "--words", "dog"], "need method 'dpl'"),
         (["--method", "nti", "--lambda-at", "2"], "need method 'dpl'"),
         ([], "no list of object words"),  # DPL is the default method

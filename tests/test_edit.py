@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from dpl_edit.edit import cross_replace_alpha, edit
+from dpl_edit.engine.edit import cross_replace_alpha, edit
+from dpl_edit.engine.inversion import invert, reconstruct
+from dpl_edit.engine.text import DynamicTokens
 from dpl_edit.errors import DplError
-from dpl_edit.inversion import DynamicTokens, invert, reconstruct
 
 PROMPT = "a cat and a dog"
 
@@ -94,7 +95,7 @@ def test_dynamic_tokens_are_used_in_both_branches(tiny_model, inversion):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"target": "a cat and a big lion"}, "--mode refine"),
+        ({"target": "a cat and a big lion"}, "mode .refine."),
         ({"target": PROMPT, "reweight": {"lion": 2.0}}, "'lion' is not in the prompt"),
         ({"target": PROMPT, "blend": ["tiger"]}, "in neither"),
         ({"target": PROMPT, "cross_replace_steps": {"tiger": 0.5}}, "'tiger' is not"),

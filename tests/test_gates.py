@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from dpl_edit import gates
-from dpl_edit.model import BUNDLED_MODEL, load_model
+from dpl_edit.engine.model import BUNDLED_MODEL, load_model
+from dpl_edit.world import gates
 
 RESULTS = {
     "vae_psnr": 31.5,

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from dpl_edit.errors import DplError
-from dpl_edit.images import image_to_tensor, load_image, save_png
+from dpl_edit.io.images import image_to_tensor, load_image, save_png
 
 
 def test_rgba_and_grayscale_become_rgb(tmp_path):

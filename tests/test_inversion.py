@@ -9,14 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from dpl_edit.engine.artifact import Inversion
+from dpl_edit.engine.inversion import invert, reconstruct
+from dpl_edit.engine.settings import NullTextSettings
+from dpl_edit.engine.text import DynamicTokens
 from dpl_edit.errors import DplError
-from dpl_edit.inversion import (
-    DynamicTokens,
-    Inversion,
-    NullTextSettings,
-    invert,
-    reconstruct,
-)
 
 PROMPT = "a cat and a dog"
 
@@ -120,7 +117,7 @@ def test_failed_write_leaves_the_old_folder(inversions, tmp_path, monkeypatch):
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("dpl_edit.artifacts.save_file", explode)
+    monkeypatch.setattr("dpl_edit.io.artifacts.save_file", explode)
     with pytest.raises(OSError):
         inversions["nti"].save(tmp_path / "inv", overwrite=True)
     assert Inversion.load(tmp_path / "inv").method == "ddim"

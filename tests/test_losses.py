@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpl_edit.errors import DplError
-from dpl_edit.losses import (
+from dpl_edit.dpl.losses import (
     DplLossConfig,
     background_loss,
     balancing_loss,
@@ -18,7 +17,8 @@ from dpl_edit.losses import (
     gaussian_kernel_3x3,
     thresholds,
 )
-from dpl_edit.word_maps import word_maps
+from dpl_edit.dpl.word_maps import word_maps
+from dpl_edit.errors import DplError
 
 
 def random_maps(res: int, text_len: int, seed: int, concentration: float = 0.3) -> np.ndarray:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dpl_edit.engine.model import ModelDefaults, load_model, same_model
 from dpl_edit.errors import DplError
-from dpl_edit.model import ModelDefaults, load_model, same_model
 
 
 def test_loads_sd_layout_with_sd_scheduler_settings(tiny_model):
@@ -71,7 +71,7 @@ def test_retrained_weights_get_a_new_identity(tiny_model, tiny_model_dir, tmp_pa
 
 
 def test_large_weight_files_are_sampled_not_read_whole(tmp_path):
-    from dpl_edit.model import _content_sample
+    from dpl_edit.engine.model import _content_sample
 
     big = tmp_path / "big.bin"
     data = bytearray(8 << 20)
@@ -87,7 +87,7 @@ def test_env_var_and_bundled_fallback(tiny_model_dir, monkeypatch):
     monkeypatch.setenv("DPL_MODEL", str(tiny_model_dir))
     assert load_model().identity.startswith("tiny-sd@")
     monkeypatch.delenv("DPL_MODEL")
-    monkeypatch.setattr("dpl_edit.model.BUNDLED_MODEL", Path("/nonexistent/world"))
+    monkeypatch.setattr("dpl_edit.engine.model.BUNDLED_MODEL", Path("/nonexistent/world"))
     with pytest.raises(DplError, match="DPL_MODEL"):
         load_model()
 
@@ -98,7 +98,7 @@ def test_not_an_sd_model(bad, tmp_path):
         (tmp_path / "m").mkdir()
         (tmp_path / "m" / "model_index.json").write_text("{}")
         bad = str(tmp_path / "m")
-    with pytest.raises(DplError, match="pass a local diffusers Stable Diffusion folder"):
+    with pytest.raises(DplError, match="give a local diffusers Stable Diffusion folder"):
         load_model(bad)
 
 
@@ -126,3 +126,8 @@ def test_encode_decode_round_trip_shapes(tiny_model):
     assert latent.shape == (1, 4, 16, 16)
     (image,) = tiny_model.decode_latents(latent)
     assert image.size == (32, 32) and image.mode == "RGB"
+
+
+def test_auto_device_is_the_gpu_when_there_is_one(tiny_model_dir):
+    model = load_model(tiny_model_dir, device="auto")
+    assert model.device.type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dpl_edit.attention import AttnLayer, CrossAttentionStore
-from dpl_edit.p2p import AttentionRefine, AttentionReplace, AttentionReweight, LocalBlend
+from dpl_edit.engine.attention import AttnLayer, CrossAttentionStore
+from dpl_edit.engine.p2p import AttentionRefine, AttentionReplace, AttentionReweight, LocalBlend
 
 TOKENS, STEPS = 6, 10
 CROSS = AttnLayer("x.attn2", is_cross=True, res=4, heads=2)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpl_edit.attention import CrossAttentionStore
 from dpl_edit.bench.sink import MASS_FILE, mass_section, measure_mass
-from dpl_edit.ddim import Ddim
-from dpl_edit.images import image_to_tensor
-from dpl_edit.inversion import ddim_inversion
-from dpl_edit.text import encode_text
+from dpl_edit.engine.attention import CrossAttentionStore
+from dpl_edit.engine.ddim import Ddim
+from dpl_edit.engine.null_text import ddim_inversion
+from dpl_edit.engine.text import encode_text
+from dpl_edit.io.images import image_to_tensor
 
 PROMPT = "a cat and a dog"  # 5 tokens: positions 1-5, end-of-text at 6
 

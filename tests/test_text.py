@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dpl_edit.engine.text import encode_text, tokenize, word_spans, word_token_positions
 from dpl_edit.errors import DplError
-from dpl_edit.text import encode_text, tokenize, word_spans, word_token_positions
 
 
 def test_word_positions_single_and_multi_token(tiny_model):

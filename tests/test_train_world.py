@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from dpl_edit.cli import main
-from dpl_edit.model import load_model
-from dpl_edit.train_world import TrainConfig, lr_factor
+from dpl_edit.engine.model import load_model
+from dpl_edit.world.training.data import TrainConfig
+from dpl_edit.world.training.unet import lr_factor
 
 
 def test_warmup_ramps_linearly_from_the_fresh_optimiser_step():
@@ -133,7 +134,7 @@ def test_cli_prints_a_json_summary(tiny_runs, capsys):
     [
         (["--resume-from", "{tmp}/nowhere"], "not a world model folder"),
         (["--export-only"], "holds no UNet checkpoint"),
-        (["--unet-steps", "-1"], "--unet-steps must be >= 0"),
+        (["--unet-steps", "-1"], "unet steps must be >= 0"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, message):

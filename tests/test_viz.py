@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from dpl_edit.viz import attention_grid, overlay, word_maps
+from dpl_edit.io.pictures import attention_grid, overlay, word_maps
 
 
 def test_word_maps_sum_sub_tokens():

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from dpl_edit import checker, world
-from dpl_edit.tokenizer import build_clip_tokenizer
+from dpl_edit.world import checker
+from dpl_edit.world import synthetic as world
+from dpl_edit.world.tokenizer import build_clip_tokenizer
 
 
 def test_scenes_are_deterministic():

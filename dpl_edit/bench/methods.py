@@ -2,8 +2,7 @@
 
 A method is a row of a table: the `invert` method it uses and, for DPL, which of its losses and
 thresholds are switched off. A new variant (another ablation, another inversion) is one more row;
-the runner never special-cases a method by name. DPL rows are refused with a clear message while
-the inversion engine does not offer "dpl" yet, instead of failing deep inside a run.
+the runner never special-cases a method by name.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from dpl_edit.engine.settings import EditSettings, InversionSettings
 from dpl_edit.errors import DplError
 
 
@@ -36,8 +36,8 @@ class BenchMethod:
         """The `DplLossConfig` this row runs on `model`, or None for non-DPL rows."""
         if self.dpl_switches is None:
             return None
-        from dpl_edit.dpl import default_config  # torch-heavy; only DPL rows need it
-        from dpl_edit.losses import DplLossConfig
+        from dpl_edit.dpl.losses import DplLossConfig
+        from dpl_edit.dpl.stage import default_config  # torch-heavy; only DPL rows need it
 
         base = default_config(model) if self.base == "model" else DplLossConfig()
         return replace(base, **self.dpl_switches)
@@ -51,6 +51,7 @@ class BenchMethod:
 _WORDS = {"softmax_tokens": "words"}
 _FRACTION = {"threshold_index": "fraction"}
 _COARSE = {"loss_res": (8,)}
+_LEVELS = {"loss_res": (8, 16)}
 _TABLE = (
     BenchMethod("ddim", "ddim", "DDIM inversion + P2P"),
     BenchMethod("nti", "nti", "null-text inversion + P2P"),
@@ -69,6 +70,9 @@ _TABLE = (
         "dpl-fraction", "dpl", "paper DPL, thresholds by schedule fraction", _FRACTION, "paper"
     ),
     BenchMethod("dpl-res8", "dpl", "paper DPL, losses on the 8x8 level", _COARSE, "paper"),
+    BenchMethod(
+        "dpl-levels", "dpl", "paper DPL, losses on the 8x8 and 16x16 levels", _LEVELS, "paper"
+    ),
     BenchMethod(
         "dpl-bg1", "dpl", "paper DPL, background loss weight 1", {"lambda_bg": 1.0}, "paper"
     ),
@@ -90,7 +94,14 @@ _TABLE = (
         "dpl-words-bg1-levels",
         "dpl",
         "paper DPL, word softmax, background weight 1, losses on the 8x8 and 16x16 levels",
-        {**_WORDS, "lambda_bg": 1.0, "loss_res": (8, 16)},
+        {**_WORDS, **_LEVELS, "lambda_bg": 1.0},
+        "paper",
+    ),
+    BenchMethod(
+        "dpl-words-bg3-levels",
+        "dpl",
+        "paper DPL, word softmax, background weight 3, losses on the 8x8 and 16x16 levels",
+        {**_WORDS, **_LEVELS, "lambda_bg": 3.0},
         "paper",
     ),
     BenchMethod(
@@ -121,22 +132,20 @@ class BenchSettings:
     steps: int = 10
     """`make bench`'s 20 scenes of three methods fit 45 minutes on 2 cores (README); use 50 for
     full runs."""
-    guidance: float = 7.5
-    cross_replace_steps: float = 0.8
-    self_replace_steps: float = 0.5
+    guidance: float = InversionSettings.guidance
+    cross_replace_steps: float = EditSettings.cross_replace_steps
+    self_replace_steps: float = EditSettings.self_replace_steps
     blend: bool = True
     """P2P local blend on the edited object's words: what leaky attention would spoil."""
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
-            raise DplError(f"--steps must be at least 1, got {self.steps}")
+            raise DplError(f"steps must be at least 1, got {self.steps}")
 
 
 def resolve_methods(names: Sequence[str]) -> list[BenchMethod]:
-    """Look up method names ("all" = every row), refusing unknown or not-yet-available ones."""
-    from dpl_edit.inversion import METHODS as INVERSION_METHODS
-
+    """Look up method names ("all" = every row), refusing unknown ones."""
     if "all" in names:
         names = list(METHODS)
     unknown = [n for n in names if n not in METHODS]
@@ -144,12 +153,4 @@ def resolve_methods(names: Sequence[str]) -> list[BenchMethod]:
         raise DplError(f"unknown method '{unknown[0]}' (use {', '.join(METHODS)} or all)")
     if not names:
         raise DplError("no methods to run")
-    chosen = [METHODS[n] for n in dict.fromkeys(names)]
-    missing = [m.name for m in chosen if m.inversion not in INVERSION_METHODS]
-    if missing:
-        raise DplError(
-            f"method {', '.join(missing)} needs '{METHODS[missing[0]].inversion}' inversion,"
-            f" which this installation does not provide yet (it has"
-            f" {', '.join(INVERSION_METHODS)}); choose others with --methods"
-        )
-    return chosen
+    return [METHODS[n] for n in dict.fromkeys(names)]

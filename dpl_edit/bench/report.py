@@ -42,7 +42,6 @@ half-written report; NaN is written as JSON null.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import warnings
@@ -53,8 +52,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from dpl_edit.atomic import atomic_write_bytes
-from dpl_edit.bench.metrics import (
+from dpl_edit.io.atomic import atomic_write_bytes
+from dpl_edit.io.pictures import save_figure
+from dpl_edit.metrics import (
     DEFAULT_THRESHOLDS,
     LeakageShares,
     bootstrap_ci,
@@ -212,12 +212,6 @@ def write_json(path: Path, value: object) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _save_figure(fig: Figure, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def plot_iou_curves(agg: Mapping, path: Path) -> None:
     """IoU against threshold per method: mean over scenes with its confidence band."""
     fig = Figure(figsize=(5.5, 4))
@@ -233,7 +227,7 @@ def plot_iou_curves(agg: Mapping, path: Path) -> None:
     ax.set_title(f"Attention localisation ({agg['n_scenes']} scenes, {agg['ci']:.0%} CI)")
     ax.grid(alpha=0.3)
     ax.legend()
-    _save_figure(fig, path)
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def plot_leakage(agg: Mapping, path: Path) -> None:
@@ -260,7 +254,7 @@ def plot_leakage(agg: Mapping, path: Path) -> None:
     ax.set(ylabel="share of attention mass", ylim=(0, 1))
     ax.set_title(f"Attention leakage ({agg['ci']:.0%} CI)")
     ax.legend()
-    _save_figure(fig, path)
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def plot_example_grid(rows: Sequence[ExampleRow], path: Path) -> None:
@@ -298,7 +292,7 @@ def plot_example_grid(rows: Sequence[ExampleRow], path: Path) -> None:
             if r == 0:
                 ax.set_title(titles[c], fontsize=8)
         axes[r, 0].set_ylabel(row.scene_id, fontsize=8)
-    _save_figure(fig, path)
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def _cell(stats: Mapping | None, n_scenes: int) -> str:

@@ -37,8 +37,6 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dpl_edit import checker, world
-from dpl_edit.atomic import atomic_write_bytes
 from dpl_edit.bench.cost import peak_memory
 from dpl_edit.bench.methods import (
     BASELINE,
@@ -47,15 +45,18 @@ from dpl_edit.bench.methods import (
     BenchSettings,
     resolve_methods,
 )
-from dpl_edit.bench.metrics import DEFAULT_THRESHOLDS, iou_curve, leakage, psnr, ssim
 from dpl_edit.bench.report import ExampleRow, write_json, write_report
 from dpl_edit.bench.scenes import BenchScene, caption_words
-from dpl_edit.edit import edit
+from dpl_edit.engine.edit import edit
+from dpl_edit.engine.inversion import invert
+from dpl_edit.engine.model import LoadedModel
+from dpl_edit.engine.text import check_prompt, find_word, prompt_tokens
 from dpl_edit.errors import DplError
-from dpl_edit.images import prepare_image, save_png
-from dpl_edit.inversion import invert
-from dpl_edit.model import LoadedModel
-from dpl_edit.text import find_word, prompt_tokens
+from dpl_edit.io.atomic import atomic_write_bytes
+from dpl_edit.io.images import prepare_image, save_png
+from dpl_edit.metrics import DEFAULT_THRESHOLDS, DEFINITIONS, iou_curve, leakage, psnr, ssim
+from dpl_edit.world import checker
+from dpl_edit.world import synthetic as world
 
 ARTICLES = frozenset({"a", "an", "the"})
 """Never blend words: a colour swap can turn "a" into "an", which says nothing about location."""
@@ -246,7 +247,7 @@ class SceneStore:
         if record.get("settings") != self.settings:
             raise DplError(
                 f"{path} was made with other settings ({record.get('settings')}); use another"
-                " --out folder or delete it"
+                " output folder or delete it"
             )
         return record
 
@@ -292,6 +293,8 @@ def _preamble(
         f" {model.device.type} ({platform.machine()}, {torch.get_num_threads()} torch threads).",
         f"Settings: {json.dumps(asdict(settings))}.",
         "",
+        f"Metrics (`dpl_edit.metrics`): {'; '.join(DEFINITIONS)}.",
+        "",
         "Methods (all edited with Prompt-to-Prompt, same settings and seed):",
         "",
     ]
@@ -318,8 +321,8 @@ def run_bench(
         raise DplError("no scenes to run")
     for scene in scenes:  # refuse a caption the model cannot take before hours of work
         try:
-            prompt_tokens(model.tokenizer, scene.source)
-            prompt_tokens(model.tokenizer, scene.target)
+            check_prompt(model, scene.source)
+            check_prompt(model, scene.target)
         except DplError as e:
             raise DplError(f"scene '{scene.id}': {e}") from None
     out_dir = Path(out_dir)

@@ -20,18 +20,18 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from dpl_edit.attention import (
+from dpl_edit.bench.report import write_json
+from dpl_edit.engine.attention import (
     AttentionController,
     AttnLayer,
     attention_layers,
 )
-from dpl_edit.bench.report import write_json
-from dpl_edit.ddim import Ddim
+from dpl_edit.engine.ddim import Ddim
+from dpl_edit.engine.model import LoadedModel, load_model
+from dpl_edit.engine.null_text import ddim_inversion
+from dpl_edit.engine.text import encode_text, prompt_tokens
 from dpl_edit.errors import DplError
-from dpl_edit.images import image_to_tensor, prepare_image
-from dpl_edit.inversion import ddim_inversion
-from dpl_edit.model import LoadedModel, load_model
-from dpl_edit.text import encode_text, prompt_tokens
+from dpl_edit.io.images import image_to_tensor, prepare_image
 
 MASS_FILE = "attention_mass.json"
 """Written next to the model's weights; the model card's writer renders it as a table."""

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dpl_edit import world
-from dpl_edit.atomic import atomic_write_bytes
 from dpl_edit.bench.scenes import BenchScene
 from dpl_edit.errors import DplError
-from dpl_edit.images import save_png
+from dpl_edit.io.atomic import atomic_write_bytes
+from dpl_edit.io.images import save_png
+from dpl_edit.world import synthetic as world
 
 SPLIT_SEEDS = {"val": 7001, "test": 7002}
 """World seed of each split; the bundled model trains on seed 0, so these scenes are unseen."""

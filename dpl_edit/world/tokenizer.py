@@ -13,7 +13,6 @@ from __future__ import annotations
 import gzip
 from functools import lru_cache
 from importlib import resources
-from pathlib import Path
 
 from transformers import CLIPTokenizer
 
@@ -87,8 +86,3 @@ def build_clip_tokenizer(
         merges=[tuple(m) for m in merges],
         model_max_length=model_max_length,
     )
-
-
-def save_clip_tokenizer(tokenizer: CLIPTokenizer, folder: str | Path) -> None:
-    """Save in diffusers' `tokenizer/` layout (vocab.json, merges.txt, tokenizer.json)."""
-    tokenizer.save_pretrained(str(folder))

@@ -4,7 +4,7 @@ Everything here is a pure function of tensors so it can be tested on synthetic m
 per-step loop that feeds it the UNet's cross-attention and updates the dynamic tokens lives
 elsewhere. Inputs are cross-attention probabilities `maps` [res, res, text_len] averaged over the
 layers and heads at one resolution (softmax over text tokens, SOT at index 0), and word token
-groups (see `dpl_edit.word_maps`). Spec: docs/dpl-algorithm.md sections 4.3 and 4.4.
+groups (see `dpl_edit.dpl.word_maps`). Reference: docs/algorithm.md sections 4.3 and 4.4.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from dpl_edit.errors import DplError
-from dpl_edit.word_maps import (
+from dpl_edit.dpl.word_maps import (
     WordTokenGroups,
     check_word_token_groups,
     combine_token_maps,
     word_maps,
 )
+from dpl_edit.errors import DplError
 
 GaussianFormula = Literal["ae-quirk", "standard"]
 Reduce = Literal["max", "mean"]
@@ -87,12 +87,12 @@ def balancing_loss(
 ) -> torch.Tensor:
     """Attention balancing L_at: how far the weakest word is from owning some region outright.
 
-    Following section 4.3a: drop SOT (index 0) and the last slot (`text_len - 1`), sharpen with
+    Following docs/algorithm.md section 4.3: drop SOT (index 0) and the last slot (`text_len - 1`), sharpen with
     a softmax of `softmax_temp` x maps over the remaining tokens at each pixel (with
     `softmax_tokens` "words", over the prompt's `n_prompt_tokens` tokens 1..n only, so that
     end-of-text and padding, which can hold most of the mass, never win), take each word's
     map (sum over its sub-tokens *after* the softmax, i.e. its probability mass; see
-    `dpl_edit.word_maps`), optionally smooth it (`kernel`, default the quirk Gaussian with
+    `dpl_edit.dpl.word_maps`), optionally smooth it (`kernel`, default the quirk Gaussian with
     sigma 0.5), and score the word by max(0, 1 - peak). `reduce` "max" (the paper's default)
     returns the worst word's score, "mean" the average. Returns a scalar with grad.
     """

@@ -1,6 +1,6 @@
 """Background estimation for DPL's background-leakage loss, and background masks as PNG files.
 
-The background mask B comes from the inversion pass (docs/dpl-algorithm.md section 3): pixels
+The background mask B comes from the inversion pass (docs/algorithm.md section 3): pixels
 are clustered by their time-averaged self-attention rows (pixels of one object attend to the
 same places), and each cluster is handed to the chosen word whose cross-attention covers it
 best, or to the background when no word covers it well. A user may supply B as a PNG instead.
@@ -9,9 +9,7 @@ best, or to the background when no word covers it well. A user may supply B as a
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +21,8 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.cluster import KMeans
 
+from dpl_edit.dpl.word_maps import WordTokenGroups, word_maps
 from dpl_edit.errors import DplError
-from dpl_edit.word_maps import WordTokenGroups, word_maps
 
 MaskResample = Literal["majority", "any"]
 
@@ -96,7 +94,7 @@ def estimate_background(
     `self_attn` [N, N] is the inversion-averaged self-attention at resolution r (N = r*r, one
     row per query pixel, in row-major pixel order); `cross_maps` [rc, rc, text_len] the averaged
     cross-attention. `word_token_groups[k]` are the token indices of `words[k]`; multi-token
-    words are combined by `dpl_edit.word_maps`. K-means (`n_init` restarts, `random_state=seed`
+    words are combined by `dpl_edit.dpl.word_maps`. K-means (`n_init` restarts, `random_state=seed`
     so a rerun gives the same clusters) groups the N rows; each word's map is resized to r x r
     and normalised; a cluster goes to the word with the highest mean score over its pixels if
     that score exceeds `threshold`, otherwise to the background. Same-label clusters merge.
@@ -215,8 +213,7 @@ def mask_images(estimate: BackgroundEstimate, size: int) -> dict[str, Image.Imag
     """`background` (if any) and one `word-<word>` image per word, keyed by file stem.
 
     Word masks carry a prefix so that a dynamic word called "background" cannot overwrite the
-    background mask. The inversion folder stores these same images, so a mask file means the
-    same thing whether `save_masks_png` or an inversion wrote it.
+    background mask. The inversion folder stores these images.
     """
     stems = [_file_stem(word) for word in estimate.words]
     if len(set(stems)) != len(stems):
@@ -227,35 +224,3 @@ def mask_images(estimate: BackgroundEstimate, size: int) -> dict[str, Image.Imag
     for word, stem in zip(estimate.words, stems, strict=True):
         images[f"word-{stem}"] = mask_image(estimate.word_masks[word], size)
     return images
-
-
-def _write_png_atomically(image: Image.Image, path: Path) -> None:
-    """Write a PNG via a temporary file and a rename, so a crash never leaves a half-written
-    mask that a later run would read."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        image.save(temporary, format="PNG")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def save_masks_png(estimate: BackgroundEstimate, folder: str | Path, size: int) -> list[Path]:
-    """Save `background.png` and one `word-<word>.png` per word (see `mask_images`).
-
-    Without a background no `background.png` is written, and a stale one from an earlier run
-    in the same folder is removed, as a reader would otherwise trust it. Returns the paths
-    written.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    images = mask_images(estimate, size)
-    if estimate.background is None:
-        (folder / "background.png").unlink(missing_ok=True)
-    written = []
-    for stem, image in images.items():
-        _write_png_atomically(image, folder / f"{stem}.png")
-        written.append(folder / f"{stem}.png")
-    return written

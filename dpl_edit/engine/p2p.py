@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dpl_edit.attention import AttentionController, AttnLayer, CrossAttentionStore
+from dpl_edit.engine.attention import AttentionController, AttnLayer, CrossAttentionStore
 
 
 class AttentionEdit(AttentionController):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
@@ -24,13 +25,15 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
+from dpl_edit.engine.settings import DEVICES, DTYPES
 from dpl_edit.errors import DplError
+from dpl_edit.io.images import tensor_to_arrays
 
-BUNDLED_MODEL = Path(__file__).parent / "models" / "world"
+BUNDLED_MODEL = Path(__file__).parent.parent / "models" / "world"
 DEFAULTS_FILE = "dpl_defaults.json"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
-_NOT_SD = "pass a local diffusers Stable Diffusion folder with --model"
+_NOT_SD = "give a local diffusers Stable Diffusion folder instead"
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,10 @@ class ModelDefaults:
     self_attention_res: int
     blend_res: int
     object_words: tuple[str, ...] = ()
+    vocabulary: tuple[str, ...] = ()
+    """Every word the model was trained on, when it declares them (the bundled model does): a
+    word outside it would be split into pieces the model never saw, so prompts are refused
+    before any work (`dpl_edit.engine.text.check_prompt`). Empty: any word is accepted."""
     dpl: tuple[tuple[str, Any], ...] = ()
     """DPL settings chosen for this model (`DplLossConfig` fields), used when a user gives
     none; kept as pairs so the defaults stay hashable. Empty: the paper's settings."""
@@ -93,22 +100,25 @@ class LoadedModel:
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
         """Scaled latents -> RGB images."""
         pixels = self.vae.decode(latents.to(self.dtype) / self.scaling_factor).sample
-        array = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte()
-        return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in array]
+        return [Image.fromarray(array) for array in tensor_to_arrays(pixels)]
 
 
 def resolve_device(device: str) -> torch.device:
-    """Parse a device name, refusing ones torch does not know or this machine lacks."""
+    """Parse a device name, refusing ones torch does not know or this machine lacks.
+
+    "auto" is the GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
-        raise DplError(f"unknown device '{device}' (use cpu, cuda, cuda:N or mps)") from None
+        raise DplError(f"unknown device '{device}' (use {DEVICES})") from None
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise DplError(f"device '{device}' is not available on this machine")
     if parsed.type == "mps" and not torch.backends.mps.is_available():
         raise DplError(f"device '{device}' is not available on this machine")
     if parsed.type not in ("cpu", "cuda", "mps"):
-        raise DplError(f"unsupported device '{device}' (use cpu, cuda, cuda:N or mps)")
+        raise DplError(f"unsupported device '{device}' (use {DEVICES})")
     return parsed
 
 
@@ -125,7 +135,7 @@ def _model_folder(path_or_hub_id: str | os.PathLike | None) -> tuple[Path, str]:
     if path_or_hub_id is None:
         if not (BUNDLED_MODEL / "model_index.json").is_file():
             raise DplError(
-                "the bundled model is not installed; pass --model FOLDER or set DPL_MODEL"
+                "the bundled model is not installed; give a model folder or set DPL_MODEL"
             )
         return BUNDLED_MODEL, BUNDLED_MODEL.name
     path = Path(path_or_hub_id).expanduser()
@@ -200,6 +210,7 @@ def _read_defaults(folder: Path, latent_size: int) -> ModelDefaults:
             self_attention_res=int(data.get("self_attention_res", base.self_attention_res)),
             blend_res=int(data.get("blend_res", base.blend_res)),
             object_words=tuple(str(w) for w in data.get("object_words", [])),
+            vocabulary=tuple(str(w).lower() for w in data.get("vocabulary", [])),
             dpl=tuple(
                 (str(k), tuple(v) if isinstance(v, list) else v)
                 for k, v in sorted(dict(data.get("dpl", {})).items())
@@ -249,12 +260,50 @@ def _quiet_loading() -> Iterator[None]:
         transformers_logging.enable_progress_bar()
 
 
+def save_model_folder(
+    folder: str | os.PathLike,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    unet: UNet2DConditionModel,
+    scheduler: DDIMScheduler,
+) -> Path:
+    """Write the four components and the scheduler as a diffusers SD folder `load_model` reads.
+
+    The folder is what `StableDiffusionPipeline.save_pretrained` writes, without building the
+    pipeline: importing it pulls in transformers' image processors, whose import-time warnings
+    (no torchvision) would otherwise reach every user of the package.
+    """
+    folder = Path(folder)
+    for name, component in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet)):
+        component.save_pretrained(folder / name, safe_serialization=True)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    scheduler.save_pretrained(folder / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", type(scheduler).__name__],
+        "text_encoder": ["transformers", type(text_encoder).__name__],
+        "tokenizer": ["transformers", type(tokenizer).__name__],
+        "unet": ["diffusers", type(unet).__name__],
+        "vae": ["diffusers", type(vae).__name__],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
 def load_model(
     path_or_hub_id: str | os.PathLike | None = None,
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: str = DTYPES[0],
 ) -> LoadedModel:
-    """Load a diffusers SD folder (or cached hub id); None means $DPL_MODEL or the bundled model."""
+    """Load a diffusers SD folder (or cached hub id); None means $DPL_MODEL or the bundled model.
+
+    `device` is cpu, cuda, cuda:N, mps, or "auto" (the GPU when there is one)."""
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     folder, name = _model_folder(path_or_hub_id)
     missing = [c for c in _COMPONENTS if not (folder / c).is_dir()]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from dpl_edit import world
+from dpl_edit.world import synthetic as world
 
 _CAPTION_OBJECT = re.compile(
     r"\b(" + "|".join(world.COLORS) + r") (" + "|".join(world.SHAPES) + r")\b"

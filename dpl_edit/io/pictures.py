@@ -1,4 +1,6 @@
-"""Attention pictures: each word's time-averaged cross-attention map over the image, in one grid.
+"""Pictures, written atomically: attention grids, image panels, sample sheets, any figure.
+
+Attention grids show each word's time-averaged cross-attention map over the image.
 
 Each row is one set of maps for the same prompt (e.g. NTI's and DPL's, to compare leakage), each
 column one word. A word split into several tokens shows the sum of its tokens' maps. Each map is
@@ -9,9 +11,11 @@ attends, not how strongly compared with other words.
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +25,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from dpl_edit.atomic import atomic_write_bytes
+from dpl_edit.io.atomic import atomic_write_bytes
+from dpl_edit.io.images import save_png
 
 Words = Sequence[tuple[str, Sequence[int]]]
 
@@ -64,6 +69,42 @@ def attention_grid(
     for axis in axes.flat:
         axis.set_axis_off()
     figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def save_figure(figure: Figure, path: str | os.PathLike, **savefig: Any) -> Path:
+    """Render a matplotlib figure to PNG and write it atomically (`savefig` options pass on)."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
+    figure.savefig(buffer, format="png", **savefig)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def panel(
+    images: Sequence[tuple[str, Image.Image]],
+    path: str | os.PathLike,
+    second_row: Sequence[tuple[str, Image.Image]] = (),
+) -> Path:
+    """Labelled images in one row (and an optional second row, e.g. attention maps under the
+    edits), pixel-exact (nearest upscaling)."""
+    columns, rows = len(images), 2 if second_row else 1
+    figure = Figure(figsize=(2.4 * columns, 2.7 * rows), dpi=100)
+    FigureCanvasAgg(figure)
+    for row, cells in enumerate([list(images), list(second_row)][:rows]):
+        for i, (label, image) in enumerate(cells):
+            axis = figure.add_subplot(rows, columns, row * columns + i + 1)
+            axis.imshow(image, interpolation="nearest")
+            axis.set_title(label, fontsize=9)
+            axis.set_axis_off()
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def sample_sheet(images: Sequence[Image.Image], path: str | os.PathLike, columns: int = 8) -> Path:
+    """Equal-sized images in a grid, shown at twice their size (e.g. a model's samples)."""
+    size = images[0].size[0]
+    rows = math.ceil(len(images) / columns)
+    sheet = Image.new("RGB", (columns * size, rows * size), "white")
+    for i, image in enumerate(images):
+        sheet.paste(image, ((i % columns) * size, (i // columns) * size))
+    doubled = sheet.resize((sheet.width * 2, sheet.height * 2), Image.Resampling.NEAREST)
+    return save_png(doubled, path)

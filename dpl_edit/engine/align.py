@@ -3,8 +3,9 @@
 Word swap maps each source token to target tokens word by word, so that a swapped word's map is
 injected into the new word's tokens even when the two words split into different numbers of
 tokens. Refinement (inserting words) aligns the two token sequences globally and injects maps only
-into target tokens that have a source counterpart. The outputs match P2P's `seq_aligner` exactly,
-including its quirks, so they can be checked against it.
+into target tokens that have a source counterpart. The outputs match P2P's `seq_aligner`, so they
+can be checked against it, except after a word swap that changes the token count, where P2P
+misaligns the rest of the prompt (see `replacement_mapper`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 import torch
 from transformers import CLIPTokenizer
 
+from dpl_edit.engine.text import prompt_tokens, word_spans
 from dpl_edit.errors import DplError
-from dpl_edit.text import prompt_tokens, word_spans
 
 
 def replacement_mapper(
@@ -23,42 +24,45 @@ def replacement_mapper(
 
     Words are compared position by position. A swapped word whose token counts agree maps
     token to token; otherwise every source token feeds every target token with weight
-    1/len(target tokens). Before the last swapped word tokens map in order; after it P2P maps
-    each position to itself, which differs from the word order when token counts changed.
+    1/len(target tokens). Every other token maps to its counterpart in word order, all the way
+    to the end: after a swap that changed the token count, the two sequences are offset, and
+    each unchanged word (then EOS and padding) must still take its own word's map. P2P's
+    `seq_aligner` maps each position to itself after the last swap instead, so there a word
+    after a 1-to-3-token swap took the map of whatever sat two places earlier. Target positions
+    that the offset leaves without a source (the source ran out first) take the same position
+    of the source: padding takes padding, as P2P does.
     """
     source_words, target_words = source.split(), target.split()
     if len(source_words) != len(target_words):
         raise DplError(
             f"word swap needs prompts with the same number of words ({len(source_words)} vs "
-            f"{len(target_words)}); use refinement (--mode refine) to insert or remove words"
+            f"{len(target_words)}); use refinement (mode 'refine') to insert or remove words"
         )
     prompt_tokens(tokenizer, source)
     prompt_tokens(tokenizer, target)
     source_spans = [span for _, span in word_spans(tokenizer, source)]
     target_spans = [span for _, span in word_spans(tokenizer, target)]
-    swapped = [k for k, (a, b) in enumerate(zip(source_words, target_words, strict=True)) if a != b]
+    swaps = {
+        source_spans[k][0]: (source_spans[k], target_spans[k])
+        for k, (a, b) in enumerate(zip(source_words, target_words, strict=True))
+        if a != b
+    }
     mapper = torch.zeros(max_len, max_len)
     i = j = 0
-    pending = 0
     while i < max_len and j < max_len:
-        if pending < len(swapped) and source_spans[swapped[pending]][0] == i:
-            src, tgt = source_spans[swapped[pending]], target_spans[swapped[pending]]
+        if i in swaps:
+            src, tgt = swaps[i]
             if len(src) == len(tgt):
                 mapper[src, tgt] = 1.0
             else:
                 for t in tgt:
                     mapper[src, t] = 1.0 / len(tgt)
-            pending += 1
-            i += len(src)
-            j += len(tgt)
-        elif pending < len(swapped):
-            mapper[i, j] = 1.0
-            i += 1
-            j += 1
+            i, j = i + len(src), j + len(tgt)
         else:
-            mapper[j, j] = 1.0
-            i += 1
-            j += 1
+            mapper[i, j] = 1.0
+            i, j = i + 1, j + 1
+    for k in range(j, max_len):
+        mapper[k, k] = 1.0
     return mapper
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from dpl_edit.atomic import atomic_write_bytes
 from dpl_edit.errors import DplError
+from dpl_edit.io.atomic import atomic_write_bytes
 
 
 def read_image(path: str | os.PathLike) -> Image.Image:
@@ -54,6 +54,15 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB picture -> [1, 3, H, W] float tensor in [-1, 1]."""
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+
+
+def tensor_to_arrays(pixels: torch.Tensor) -> np.ndarray:
+    """[N, 3, H, W] pixels in [-1, 1] -> [N, H, W, 3] uint8, rounded as a saved picture is.
+
+    The one conversion back to pictures: decoded images, and the training's and the gates'
+    PSNR, all see the same 8-bit values."""
+    array = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    return array.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:

@@ -18,8 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dpl_edit import __version__
-from dpl_edit.atomic import atomic_folder
 from dpl_edit.errors import DplError
+from dpl_edit.io.atomic import atomic_folder
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"

@@ -39,7 +39,7 @@ def check_folder_target(path: str | os.PathLike, overwrite: bool = False) -> Pat
     if path.exists() and not path.is_dir():
         raise DplError(f"'{path}' exists and is not a folder")
     if path.exists() and not overwrite:
-        raise DplError(f"'{path}' already exists; pick another folder or replace it (--overwrite)")
+        raise DplError(f"'{path}' already exists; pick another folder or allow overwriting it")
     return path
 
 

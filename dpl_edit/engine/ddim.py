@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler
 
+from dpl_edit.engine.model import LoadedModel
+
 
 class Ddim:
     """The `steps` DDIM timesteps of a scheduler (981, 961, ..., 1 for 50) and their steps."""
@@ -49,6 +51,18 @@ class Ddim:
         eps, x0 = self.split(output, latent, t)
         return self._move(eps, x0, self.alpha(t - self.stride))
 
+    def guided_step(
+        self,
+        uncond_output: torch.Tensor,
+        cond_output: torch.Tensor,
+        guidance: float,
+        t: int,
+        latent: torch.Tensor,
+    ) -> torch.Tensor:
+        """Classifier-free guidance, then `step`: the one guided step that sampling, null-text
+        fitting, reconstruction and editing all take, so they cannot drift apart."""
+        return self.step(uncond_output + guidance * (cond_output - uncond_output), t, latent)
+
     def inverse_step(self, output: torch.Tensor, t: int, latent: torch.Tensor) -> torch.Tensor:
         """Noise from level t - stride to t, with the UNet output evaluated at t (as NTI does)."""
         a_from = self.alpha(t - self.stride)
@@ -58,3 +72,23 @@ class Ddim:
             eps = output
         x0 = (latent - (1 - a_from) ** 0.5 * eps) / a_from**0.5
         return self._move(eps, x0, self.alpha(t))
+
+
+def denoise_step(
+    model: LoadedModel,
+    ddim: Ddim,
+    latents: torch.Tensor,
+    t: int,
+    null: torch.Tensor,
+    cond: torch.Tensor,
+    guidance: float,
+) -> torch.Tensor:
+    """One guided DDIM step for a batch of latents, in a single UNet call on [null..., cond...].
+
+    `null` [1 or n, text_len, dim] is shared by every latent when it has one row; `cond` has one
+    row per latent. Attention controllers see the batch in that order.
+    """
+    n = latents.shape[0]
+    context = torch.cat([null.expand(n, -1, -1), cond])
+    uncond_output, cond_output = model.predict(torch.cat([latents, latents]), t, context).chunk(2)
+    return ddim.guided_step(uncond_output, cond_output, guidance, t, latents)

@@ -19,23 +19,23 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dpl_edit.align import refinement_mapper, replacement_mapper
-from dpl_edit.attention import AttentionController, CrossAttentionStore, controlled_attention
-from dpl_edit.ddim import Ddim
-from dpl_edit.errors import DplError
-from dpl_edit.images import save_png
-from dpl_edit.inversion import Inversion, step_embeddings
-from dpl_edit.model import LoadedModel, same_model
-from dpl_edit.p2p import (
+from dpl_edit.engine.align import refinement_mapper, replacement_mapper
+from dpl_edit.engine.artifact import Inversion
+from dpl_edit.engine.attention import AttentionController, CrossAttentionStore, controlled_attention
+from dpl_edit.engine.ddim import Ddim, denoise_step
+from dpl_edit.engine.model import LoadedModel, same_model
+from dpl_edit.engine.p2p import (
     AttentionEdit,
     AttentionRefine,
     AttentionReplace,
     AttentionReweight,
     LocalBlend,
 )
-from dpl_edit.text import find_word, prompt_tokens, word_token_positions
+from dpl_edit.engine.settings import MODES, EditSettings
+from dpl_edit.engine.text import check_prompt, find_word, step_embeddings, word_token_positions
+from dpl_edit.errors import DplError
+from dpl_edit.io.images import save_png
 
-MODES = ("replace", "refine")
 Window = float | tuple[float, float]
 
 
@@ -154,14 +154,14 @@ def edit(
     model: LoadedModel,
     inversion: Inversion,
     target: str,
-    mode: str = "replace",
+    mode: str = EditSettings.mode,
     reweight: Mapping[str, float] | None = None,
     blend: Sequence[str] | None = None,
-    cross_replace_steps: Window | Mapping[str, Window] = 0.8,
-    self_replace_steps: Window = 0.5,
+    cross_replace_steps: Window | Mapping[str, Window] = EditSettings.cross_replace_steps,
+    self_replace_steps: Window = EditSettings.self_replace_steps,
     self_replace_max_res: int | None = None,
-    blend_threshold: float = 0.3,
-    blend_start: float = 0.2,
+    blend_threshold: float = EditSettings.blend_threshold,
+    blend_start: float = EditSettings.blend_start,
     guidance: float | None = None,
     progress: bool = True,
 ) -> EditResult:
@@ -175,11 +175,11 @@ def edit(
     if not same_model(inversion.model_identity, model.identity):
         raise DplError(
             f"the inversion was made with model {inversion.model_identity}, not with "
-            f"{model.identity}; pass the same --model or invert again"
+            f"{model.identity}; load that model or invert again"
         )
     source, steps = inversion.prompt, inversion.steps
     guidance = inversion.guidance if guidance is None else guidance
-    prompt_tokens(model.tokenizer, target)
+    check_prompt(model, target)
     start_time, evals_before = time.perf_counter(), model.unet_evals
     windows = {
         "cross_alpha": cross_replace_alpha(
@@ -207,11 +207,8 @@ def edit(
             cond = step_embeddings(model, [source, target], inversion.dynamic_tokens, i, cache)
             null = inversion.null_embeddings[i : i + 1].to(model.device, model.dtype)
             chain.begin_step(i)
-            output = model.predict(torch.cat([latents, latents]), t, torch.cat([null, null, cond]))
+            latents = denoise_step(model, ddim, latents, t, null, cond, guidance)
             chain.end_step()
-            uncond_output, cond_output = output.chunk(2)
-            guided = uncond_output + guidance * (cond_output - uncond_output)
-            latents = ddim.step(guided, t, latents)
             if local_blend is not None:
                 latents = local_blend(latents, i)
     source_image, edited_image = model.decode_latents(latents)

@@ -1,4 +1,5 @@
-"""Prompt tokenisation and encoding, with optional per-token input-embedding overrides.
+"""Prompt tokenisation and encoding, with optional per-token input-embedding overrides, and the
+per-step word vectors (`DynamicTokens`) that DPL learns and every later encoding substitutes.
 
 DPL learns a replacement for the input embedding of chosen word tokens at every step. Rather than
 growing the vocabulary with placeholder tokens (the original code's approach), we substitute the
@@ -10,12 +11,42 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import CLIPTokenizer
 
+from dpl_edit.engine.model import LoadedModel
 from dpl_edit.errors import DplError
-from dpl_edit.model import LoadedModel
+
+PUNCTUATION = ".,;:!?\"'()[]"
+
+
+def bare_word(word: str) -> str:
+    """A prompt word as a vocabulary entry: lower case, surrounding punctuation dropped.
+
+    CLIP's tokenizer lower-cases and splits punctuation off, so "Circle," is the word "circle".
+    """
+    return word.strip(PUNCTUATION).lower()
+
+
+def check_prompt(model: LoadedModel, prompt: str) -> list[int]:
+    """The prompt's token ids, after refusing what the model cannot take: an over-long prompt,
+    or a word outside the vocabulary the model declares (BPE would split it into pieces the
+    model never saw, and the result would be garbage rather than an error)."""
+    vocabulary = model.defaults.vocabulary
+    if vocabulary:
+        known = set(vocabulary)
+        words = [bare_word(word) for word in prompt.split()]
+        unknown = [word for word in words if word and word not in known]
+        if unknown:
+            raise DplError(
+                f"the word '{unknown[0]}' in '{prompt}' is not in this model's vocabulary; "
+                f"it knows: {', '.join(sorted(known))}"
+            )
+    return prompt_tokens(model.tokenizer, prompt)
+
 
 TokenVectors = Mapping[tuple[int, int], torch.Tensor]
 """(prompt index, token position) -> replacement input-embedding vector."""
@@ -121,3 +152,51 @@ def encode_text(
     needs_grad = any(v.requires_grad for v in (token_vectors or {}).values())
     with torch.set_grad_enabled(needs_grad), _overridden_token_embeddings(model, token_vectors):
         return model.text_encoder(ids)[0]
+
+
+@dataclass
+class DynamicTokens:
+    """Per-step input-embedding vectors learned for chosen words (filled in by DPL).
+
+    `vectors[i]` holds, for step i, one row per sub-token of each word, words in order. Any
+    prompt containing a word gets these rows at each of the word's occurrences, which is how the
+    target prompt of an edit reuses the vectors learned on the source prompt.
+    """
+
+    words: list[str]
+    positions: list[list[int]]
+    """Source-prompt positions of each word's sub-tokens (for the record and for DPL's losses)."""
+    vectors: torch.Tensor
+
+    def token_vectors(
+        self, tokenizer: Any, prompts: Sequence[str], step: int
+    ) -> dict[tuple[int, int], torch.Tensor]:
+        """(prompt index, position) -> vector at `step`, for every learned word in each prompt."""
+        out: dict[tuple[int, int], torch.Tensor] = {}
+        for index, prompt in enumerate(prompts):
+            row = 0
+            for word in self.words:
+                count = len(tokenizer.tokenize(word))
+                for k, position in enumerate(find_word(tokenizer, prompt, word)):
+                    out[(index, position)] = self.vectors[step, row + k % count]
+                row += count
+        return out
+
+
+def step_embeddings(
+    model: LoadedModel,
+    prompts: Sequence[str],
+    dynamic: DynamicTokens | None,
+    step: int,
+    cache: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """Conditional embeddings of `prompts` at a step: with that step's dynamic tokens if any.
+
+    Without dynamic tokens the encoding never changes, so it is computed once into `cache`.
+    """
+    if dynamic is None:
+        if "static" not in cache:
+            cache["static"] = encode_text(model, prompts)
+        return cache["static"]
+    vectors = dynamic.token_vectors(model.tokenizer, prompts, step)
+    return encode_text(model, prompts, {k: v.to(model.device) for k, v in vectors.items()})

@@ -3,12 +3,12 @@
 At every denoising step of null-text inversion, before the null text is fitted, the input
 embedding of each chosen word is optimised so that its cross-attention map (a) has a strong peak
 of its own, (b) does not overlap the other chosen words' maps and (c) stays off the background
-(docs/dpl-algorithm.md section 4). The vectors of a step start from the previous step's, so the
+(docs/algorithm.md section 4). The vectors of a step start from the previous step's, so the
 noisiest step starts from the word's own token embedding and each later step only refines.
 
 Only the vectors are optimised: they replace the token-embedding output at the word's positions
-(see `dpl_edit.text`), so the frozen model, its vocabulary and every other word are untouched.
-The background mask comes from the DDIM inversion pass (K-means on self-attention, section 3),
+(see `dpl_edit.engine.text`), so the frozen model, its vocabulary and every other word are untouched.
+The background mask comes from the DDIM inversion pass (K-means on self-attention, docs/algorithm.md section 3),
 from a user's file, or not at all.
 """
 
@@ -24,14 +24,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from dpl_edit.attention import (
-    AttentionController,
-    CrossAttentionStore,
-    SelfAttentionStore,
-    attention_layers,
-    controlled_attention,
-)
-from dpl_edit.background import (
+from dpl_edit.dpl.background import (
     BackgroundEstimate,
     MaskResample,
     background_mask_at,
@@ -40,25 +33,37 @@ from dpl_edit.background import (
     mask_image,
     mask_images,
 )
+from dpl_edit.dpl.losses import DplLossConfig, LossReport, evaluate_losses
+from dpl_edit.engine.attention import (
+    AttentionController,
+    CrossAttentionStore,
+    SelfAttentionStore,
+    attention_layers,
+    controlled_attention,
+)
+from dpl_edit.engine.model import LoadedModel
+from dpl_edit.engine.settings import NullTextSettings
+from dpl_edit.engine.text import (
+    DynamicTokens,
+    bare_word,
+    encode_text,
+    prompt_tokens,
+    word_spans,
+    word_token_positions,
+)
 from dpl_edit.errors import DplError
-from dpl_edit.inversion import DynamicTokens, NullTextSettings
-from dpl_edit.losses import DplLossConfig, LossReport, evaluate_losses
-from dpl_edit.model import LoadedModel
-from dpl_edit.text import encode_text, prompt_tokens, word_spans, word_token_positions
 
 log = logging.getLogger(__name__)
 
 ORIGINAL_NULL_TEXT = NullTextSettings(inner_steps=51, early_stop=None, warm_start=False)
 """The DPL code's null-text stage: 51 steps from the empty prompt's embedding at every step, no
-early stop (section 4.6). NTI's warm-started, early-stopped default is cheaper and is what we use
+early stop (docs/algorithm.md section 4.6). NTI's warm-started, early-stopped default is cheaper and is what we use
 unless asked for this."""
-
-_PUNCTUATION = ".,;:!?\"'()[]"
 
 
 @dataclass(frozen=True)
 class BackgroundSettings:
-    """How the background mask is estimated (section 3) and brought to the loss's resolution.
+    """How the background mask is estimated (docs/algorithm.md section 3) and brought to the loss's resolution.
 
     `resample` "majority" keeps the mask's area; "any" reproduces the original code's dilated
     mask (any cell the bicubic shrink leaves non-zero counts as background).
@@ -95,18 +100,16 @@ def choose_words(model: LoadedModel, prompt: str, words: Sequence[str] | None) -
         return chosen
     objects = set(model.defaults.object_words)
     if not objects:
-        raise DplError(
-            "this model has no list of object words; name the words to learn with --words"
-        )
+        raise DplError("this model has no list of object words; name the words to learn")
     chosen = []
     for word, _ in word_spans(model.tokenizer, prompt):
-        bare = word.strip(_PUNCTUATION).lower()
+        bare = bare_word(word)
         if bare in objects and bare not in chosen:
             chosen.append(bare)
     if not chosen:
         raise DplError(
             f"the prompt '{prompt}' names none of this model's object words; name the words "
-            "to learn with --words"
+            "to learn"
         )
     return chosen
 
@@ -114,7 +117,7 @@ def choose_words(model: LoadedModel, prompt: str, words: Sequence[str] | None) -
 def word_token_groups(model: LoadedModel, prompt: str, words: Sequence[str]) -> list[list[int]]:
     """Each word's token positions in the prompt (every occurrence, every sub-token).
 
-    The losses sum a word's token maps (`dpl_edit.word_maps`), so a word split by BPE, or
+    The losses sum a word's token maps (`dpl_edit.dpl.word_maps`), so a word split by BPE, or
     written twice, is scored as one object.
     """
     groups = [word_token_positions(model.tokenizer, prompt, word) for word in words]
@@ -176,7 +179,7 @@ class TokenStage:
     latent records the cross-attention at the loss resolution with gradient, the losses are
     evaluated, and the loop stops as soon as they are all under their thresholds, else takes
     one optimiser step. The original code's vocabulary growing and row restoring is replaced by
-    optimising the vectors alone, which is the same update (section 10).
+    optimising the vectors alone, which is the same update (docs/algorithm.md section 4.7).
     """
 
     def __init__(
@@ -275,7 +278,7 @@ class TokenStage:
         if report.bg_skipped and not self._warned:
             log.warning(
                 "no background was found, so DPL's background-leakage loss is skipped; "
-                "give a mask with --bg-mask, or silence this with --no-bg"
+                "give a background mask, or turn the background loss off"
             )
             self._warned = True
 
@@ -319,7 +322,7 @@ class DplPlan:
         config = config or default_config(model)
         background = background or BackgroundSettings()
         if bg_mask is not None and no_bg:
-            raise DplError("--bg-mask and --no-bg contradict each other; use one of them")
+            raise DplError("a background mask and no background loss contradict each other")
         chosen = choose_words(model, prompt, words)
         groups = word_token_groups(model, prompt, chosen)
         levels = loss_levels(model, config)

@@ -1,0 +1,1 @@
+"""Dynamic Prompt Learning: its losses, word maps, background estimation and the token stage."""

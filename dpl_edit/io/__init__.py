@@ -1,0 +1,1 @@
+"""Files: reading images, artifact folders, pictures, and the one atomic writer they all use."""

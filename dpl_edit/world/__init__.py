@@ -1,0 +1,2 @@
+"""The synthetic world of coloured shapes and the bundled model trained on it: scenes, the
+object checker, the tokenizer builder, the quality gates and training."""
