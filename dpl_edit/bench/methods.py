@@ -112,6 +112,28 @@ _TABLE = (
         "paper",
     ),
     BenchMethod(
+        "dpl-words-bg1-levels-fraction",
+        "dpl",
+        "paper DPL, word softmax, background weight 1, both levels, fraction thresholds",
+        {**_WORDS, **_LEVELS, **_FRACTION, "lambda_bg": 1.0},
+        "paper",
+    ),
+    BenchMethod(
+        "dpl-dj-bg1-levels-fraction",
+        "dpl",
+        "paper DPL without balancing, background weight 1, both levels, fraction thresholds",
+        {**_LEVELS, **_FRACTION, "use_at": False, "lambda_bg": 1.0},
+        "paper",
+    ),
+    BenchMethod(
+        "dpl-dj1-bg1-levels-fraction",
+        "dpl",
+        "paper DPL without balancing, disjoint and background weight 1, both levels, fraction"
+        " thresholds",
+        {**_LEVELS, **_FRACTION, "use_at": False, "lambda_dj": 1.0, "lambda_bg": 1.0},
+        "paper",
+    ),
+    BenchMethod(
         "dpl-words-fraction-res8",
         "dpl",
         "paper DPL, word softmax, fraction thresholds, losses on 8x8",
