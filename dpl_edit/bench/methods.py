@@ -126,6 +126,13 @@ _TABLE = (
         "paper",
     ),
     BenchMethod(
+        "dpl-dj1-bg1-levels",
+        "dpl",
+        "paper DPL without balancing, disjoint and background weight 1, both levels",
+        {**_LEVELS, "use_at": False, "lambda_dj": 1.0, "lambda_bg": 1.0},
+        "paper",
+    ),
+    BenchMethod(
         "dpl-dj1-bg1-levels-fraction",
         "dpl",
         "paper DPL without balancing, disjoint and background weight 1, both levels, fraction"
