@@ -322,6 +322,8 @@ def test_cli_run_and_attention_comparison(tiny_model_dir, image_file, tmp_path, 
     argv = ["run", str(image_file), "--prompt", PROMPT, "--target", "a cat and a lion"]
     argv += ["--out", str(tmp_path / "e.png"), "--method", "dpl", "--words", "cat", "dog"]
     argv += ["--token-inner-steps", "2", "--no-thresholds", "--gaussian-formula", "standard"]
+    argv += ["--softmax-tokens", "words", "--loss-res", "4", "8", "--threshold-index", "fraction"]
+    argv += ["--bg-resample", "any"]
     assert main(argv + common) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["inner_steps"]["dpl_tokens"] == [2] * STEPS
@@ -331,6 +333,9 @@ def test_cli_run_and_attention_comparison(tiny_model_dir, image_file, tmp_path, 
     assert {"background.png", "word-cat.png", "word-dog.png"} <= {p.name for p in folder.iterdir()}
     losses = Inversion.load(folder).settings["dpl"]["losses"]
     assert losses["gaussian_formula"] == "standard" and losses["max_inner_steps"] == 2
+    assert losses["softmax_tokens"] == "words" and losses["loss_res"] == [4, 8]
+    assert losses["threshold_index"] == "fraction"
+    assert Inversion.load(folder).settings["dpl"]["background"]["resample"] == "any"
 
     argv = ["invert", str(image_file), "--prompt", PROMPT, "--out", str(tmp_path / "nti")]
     assert main([*argv, "--method", "nti", *common]) == 0
@@ -348,3 +353,42 @@ def test_cli_run_and_attention_comparison(tiny_model_dir, image_file, tmp_path, 
     capsys.readouterr()
     argv = ["attention", str(folder), "--compare", str(tmp_path / "o"), "--out", str(double)]
     assert "inverts 'a dog and a cat', not 'a cat and a dog'" in _cli_error(capsys, argv)
+
+
+def _model_with_dpl_defaults(tiny_model_dir, tmp_path, dpl):
+    """A copy of the tiny model folder whose dpl_defaults.json chooses DPL settings."""
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    defaults = json.loads((folder / "dpl_defaults.json").read_text())
+    (folder / "dpl_defaults.json").write_text(json.dumps({**defaults, "dpl": dpl}))
+    return load_model(folder)
+
+
+def test_model_dpl_defaults_are_used_when_none_are_given(tiny_model_dir, tmp_path):
+    chosen = {"use_at": False, "lambda_bg": 1.0, "loss_res": [4, 8], "max_inner_steps": 2}
+    model = _model_with_dpl_defaults(tiny_model_dir, tmp_path, chosen)
+    from conftest import tiny_image
+
+    inversion = invert(model, tiny_image(), PROMPT, "dpl", steps=2, words=["cat"], progress=False)
+    losses = inversion.settings["dpl"]["losses"]
+    assert losses["use_at"] is False and losses["lambda_bg"] == 1.0
+    assert losses["loss_res"] == [4, 8] and losses["max_inner_steps"] == 2
+    assert losses["lambda_dj"] == DplLossConfig().lambda_dj  # the rest stays the paper's
+    assert all(step["first"]["at"] is None for step in inversion.extras["dpl_trace"])
+    # An explicit configuration wins over the model's.
+    given = invert(
+        model, tiny_image(), PROMPT, "dpl", steps=2, words=["cat"], progress=False,
+        dpl_config=DplLossConfig(max_inner_steps=1),
+    )  # fmt: skip
+    assert given.settings["dpl"]["losses"]["use_at"] is True
+
+
+def test_unknown_model_dpl_default_is_a_clear_error(tiny_model_dir, tmp_path):
+    model = _model_with_dpl_defaults(tiny_model_dir, tmp_path, {"lambda_xx": 1.0})
+    from conftest import tiny_image
+
+    with pytest.raises(DplError, match="unknown settings: lambda_xx"):
+        invert(model, tiny_image(), PROMPT, "dpl", steps=2, words=["cat"], progress=False)

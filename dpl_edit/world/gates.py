@@ -260,11 +260,27 @@ def main(argv: list[str] | None = None) -> None:
         write_card(folder, results)
 
 
+def dpl_defaults_section(chosen: dict) -> str:
+    """The card's statement of the DPL settings `invert` uses with this model by default."""
+    if not chosen:
+        return ""
+    settings = ", ".join(f"`{key}={json.dumps(value)}`" for key, value in sorted(chosen.items()))
+    return (
+        "\n## DPL defaults (`dpl` in `dpl_defaults.json`)\n\n"
+        f"`invert` uses these `DplLossConfig` settings with this model when none are given; every"
+        f" other setting is the paper's: {settings}. They were chosen on the benchmark's"
+        " validation split; `docs/benchmarks.md` gives the sweep, the reasons and the test-split"
+        " results.\n"
+    )
+
+
 def write_card(folder: Path, results: dict) -> None:
     """The model card from measured gates and the training record in `dpl_defaults.json`."""
-    training = json.loads((folder / "dpl_defaults.json").read_text()).get("training", {})
+    defaults = json.loads((folder / "dpl_defaults.json").read_text())
+    training = defaults.get("training", {})
     notes = training.get("notes", "")
     card = model_card(results, {"summary": training_summary(training), "notes": notes})
+    card += dpl_defaults_section(defaults.get("dpl", {}))
     card += mass_section(folder)
     atomic_write_bytes(folder / "README.md", card.encode())
 
