@@ -112,6 +112,9 @@ def _add_dpl_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--bg-mask", metavar="FILE",
                        help="background mask (white = background) instead of estimating one")  # fmt: skip
     group.add_argument("--no-bg", action="store_true", help="no background-leakage loss")
+    group.add_argument("--paper-settings", action="store_true",
+                       help="start from the paper's DPL settings instead of the model's chosen "
+                       "defaults (dpl_defaults.json); other options apply on top")  # fmt: skip
     group.add_argument("--no-at", action="store_true", help="no attention-balancing loss")
     group.add_argument("--no-dj", action="store_true", help="no disjoint-object loss")
     group.add_argument("--lambda-at", type=float, metavar="W",
@@ -159,8 +162,10 @@ _DPL_SWITCHES = {"no_at": "use_at", "no_dj": "use_dj", "no_thresholds": "use_thr
 
 
 def _dpl_config(args: argparse.Namespace, model) -> Any:
-    """DPL's settings: the model's defaults with the options given on top, or None when none
-    was (so that `invert` can refuse them for another method instead of ignoring them)."""
+    """DPL's settings: the model's defaults (or the paper's, with --paper-settings) with the
+    options given on top, or None when none was (so that `invert` can refuse them for another
+    method instead of ignoring them)."""
+    from dpl_edit.dpl.losses import DplLossConfig
     from dpl_edit.dpl.stage import default_config
 
     values = {field: getattr(args, name) for name, field in _DPL_KNOBS.items()}
@@ -170,7 +175,9 @@ def _dpl_config(args: argparse.Namespace, model) -> Any:
             values[field] = False
     if "loss_res" in values:
         values["loss_res"] = tuple(values["loss_res"])
-    return replace(default_config(model), **values) if values else None
+    if not values and not args.paper_settings:
+        return None
+    return replace(DplLossConfig() if args.paper_settings else default_config(model), **values)
 
 
 def _background(args: argparse.Namespace) -> Any:
