@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -169,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         images = [Image.fromarray(s.image) for s in scenes]
         table = measure_mass(model, images, [s.source for s in scenes], args.steps)
     except DplError as error:
-        print(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
         return 2
     write_json(Path(args.model) / MASS_FILE, {"scenes": args.scenes, "steps": args.steps,
                                               "shares": table})  # fmt: skip
