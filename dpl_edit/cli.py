@@ -136,6 +136,10 @@ def _add_dpl_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threshold-index", choices=["step", "fraction"],
                        help="index the loss thresholds by step, or by the fraction of the "
                        "schedule (a 10-step run then follows the 50-step schedule)")  # fmt: skip
+    group.add_argument("--leak-region", choices=["background", "others"],
+                       help="what the background loss keeps a word's map off: the estimated "
+                       "background (paper), or everything outside the word's own clusters "
+                       "(background and the other words' objects)")  # fmt: skip
     group.add_argument("--bg-resample", choices=["majority", "any"],
                        help="background mask at the loss level: area majority, or any "
                        "background in the cell (the paper code's dilated mask)")  # fmt: skip
@@ -155,6 +159,7 @@ _DPL_KNOBS = {
     "softmax_tokens": "softmax_tokens",
     "loss_res": "loss_res",
     "threshold_index": "threshold_index",
+    "leak_region": "leak_region",
 }
 """CLI option -> `DplLossConfig` field, for the options that take a value."""
 _DPL_SWITCHES = {"no_at": "use_at", "no_dj": "use_dj", "no_thresholds": "use_thresholds"}

@@ -29,6 +29,7 @@ from dpl_edit.dpl.background import (
     MaskResample,
     background_mask_at,
     estimate_background,
+    leak_regions,
     load_mask_png,
     mask_image,
     mask_images,
@@ -331,6 +332,11 @@ class DplPlan:
         if no_bg:
             config = replace(config, use_bg=False)
         wants_bg = config.use_bg and config.lambda_bg > 0
+        if wants_bg and bg_mask is not None and config.leak_region == "others":
+            raise DplError(
+                "the leakage region 'others' needs the estimated word clusters; it cannot be "
+                "used with a background mask file"
+            )
         user_mask, self_store, source = None, None, "off"
         if wants_bg and bg_mask is not None:
             user_mask = load_mask_png(bg_mask, max(levels), background.resample)
@@ -363,6 +369,8 @@ class DplPlan:
             if estimate.background is None:
                 self.bg_source = "estimated: none found"
             background = estimate.background
+            if self.config.leak_region == "others":
+                background = leak_regions(estimate)
         masks = [
             None if background is None else self._at_resolution(background, res) for res in levels
         ]
@@ -385,7 +393,10 @@ class DplPlan:
         )
 
     def _at_resolution(self, mask: torch.Tensor, res: int) -> torch.Tensor:
-        """`mask` brought to a loss level, with the configured resampling."""
+        """`mask` [h, w] or per-word masks [words, h, w] brought to a loss level, with the
+        configured resampling."""
+        if mask.ndim == 3:
+            return torch.stack([self._at_resolution(word_mask, res) for word_mask in mask])
         return background_mask_at(mask, res, self.background.resample)
 
     def settings(self) -> dict[str, Any]:
