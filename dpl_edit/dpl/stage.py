@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,12 @@ from dpl_edit.dpl.losses import DplLossConfig, LossReport, evaluate_losses
 from dpl_edit.engine.attention import (
     AttentionController,
     CrossAttentionStore,
+    ForwardStopped,
     SelfAttentionStore,
+    StopAfter,
     attention_layers,
     controlled_attention,
+    last_layer,
 )
 from dpl_edit.engine.model import LoadedModel
 from dpl_edit.engine.settings import NullTextSettings
@@ -223,9 +227,14 @@ class TokenStage:
         )
 
     def losses(self, vectors: torch.Tensor, step: int, t: int, latent: torch.Tensor) -> LossReport:
-        """DPL's losses for `vectors` on `latent` at `step`, differentiable w.r.t. `vectors`."""
+        """DPL's losses for `vectors` on `latent` at `step`, differentiable w.r.t. `vectors`.
+
+        The UNet call stops after the last layer the losses read (`StopAfter`): the losses need
+        no noise prediction, and the layers after it change neither the maps nor their gradients.
+        """
         store = CrossAttentionStore(self.levels, grad=True)
-        with controlled_attention(self.model.unet, [store]):
+        stop = StopAfter(last_layer(self.model.unet, store))
+        with controlled_attention(self.model.unet, [store, stop]), suppress(ForwardStopped):
             self.model.predict(latent, t, self.conditioning(vectors))
         maps = [store.current(res)[0] for res in self.levels]
         return evaluate_losses(
