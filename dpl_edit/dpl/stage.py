@@ -236,16 +236,17 @@ class TokenStage:
         stop = StopAfter(last_layer(self.model.unet, store))
         with controlled_attention(self.model.unet, [store, stop]), suppress(ForwardStopped):
             self.model.predict(latent, t, self.conditioning(vectors))
-        maps = [store.current(res)[0] for res in self.levels]
-        return evaluate_losses(
-            maps,
-            self.groups,
-            self.bg_masks,
-            step,
-            self.config,
-            total_steps=self.total_steps,
-            n_prompt_tokens=self.n_prompt_tokens,
-        )
+        with torch.profiler.record_function("dpl_losses"):
+            maps = [store.current(res)[0] for res in self.levels]
+            return evaluate_losses(
+                maps,
+                self.groups,
+                self.bg_masks,
+                step,
+                self.config,
+                total_steps=self.total_steps,
+                n_prompt_tokens=self.n_prompt_tokens,
+            )
 
     def __call__(self, step: int, t: int, latent: torch.Tensor) -> torch.Tensor:
         start, evals_before = time.perf_counter(), self.model.unet_evals

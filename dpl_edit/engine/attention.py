@@ -175,7 +175,9 @@ class ControlledAttnProcessor:
         value = attn.head_to_batch_dim(attn.to_v(context))
         probs = attn.get_attention_scores(query, key, attention_mask)
         probs = probs.view(batch, attn.heads, *probs.shape[1:])
-        probs = self.chain(probs, self.layer).reshape(batch * attn.heads, *probs.shape[2:])
+        with torch.profiler.record_function("attention_controllers"):
+            probs = self.chain(probs, self.layer)
+        probs = probs.reshape(batch * attn.heads, *probs.shape[2:])
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs.to(value.dtype), value))
 
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
