@@ -24,6 +24,7 @@ from typing import Any
 from dpl_edit.engine.settings import METHODS, MODES, EditSettings, InversionSettings
 from dpl_edit.errors import DplError
 from dpl_edit.io.images import read_image
+from dpl_edit.io.jsonl import jsonl_lines, parse_line
 
 Window = float | dict[str, float]
 """A P2P step fraction, or per-word fractions with the rest under "default_" (as `edit` takes)."""
@@ -205,24 +206,12 @@ def read_jobs(
     names each line, so that one fix-and-rerun cycle clears them all.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DplError(f"job file {path} not found")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise DplError(f"job file {path} is not UTF-8 text") from None
     jobs: list[Job] = []
     errors: list[str] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, line in jsonl_lines(path, "job file"):
         try:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DplError(f"bad JSON ({exc.msg} at column {exc.colno})") from None
-            job = parse_job(record, number, path.parent, defaults)
+            job = parse_job(parse_line(line), number, path.parent, defaults)
             if job.id in seen:
                 raise DplError(f"duplicate id '{job.id}' (first on line {seen[job.id]})")
             if check is not None:
