@@ -45,6 +45,8 @@ JOBS = [
         "id": "tiger",
         "image": "img/a.png",
         "prompt": "a tiger on the grass",
+        "method": "dpl",  # the command line says nti; this job learns its word
+        "words": ["tiger"],
         "edits": [{"target": "a lion on the grass", "self_steps": 0.3}],
     },
 ]
@@ -99,6 +101,9 @@ def test_every_job_writes_its_files_record_and_summary(sequential_out: Path):
     assert cat["unet_evals"]["ddim_inversion"] == 2 and cat["unet_evals"]["edit"] == 4
     assert cat["seconds"]["job"] > 0 and cat["seconds"]["null_text"] > 0
     assert found["red/blue"]["outputs"]["edit-1"] == "edit-1.png"
+    assert found["tiger"]["unet_evals"]["dpl_tokens"] > 0
+    meta = json.loads((sequential_out / "jobs/tiger/inversion/meta.json").read_text())
+    assert meta["method"] == "dpl" and meta["dynamic_tokens"]["words"] == ["tiger"]
     assert not (sequential_out / "jobs" / "red").exists()  # the id's slash is not a folder
     rows = [
         json.loads(line) for line in (sequential_out / "summary.jsonl").read_text().splitlines()
