@@ -246,7 +246,8 @@ def test_two_worker_processes_give_the_sequential_images(
     sequential_out: Path, tiny_model, tiny_model_dir: Path, tmp_path: Path
 ):
     jobs = _jobs_and_model(tmp_path, tiny_model)
-    with ProcessPool(ModelSpec(str(tiny_model_dir)), workers=2) as pool:
+    # One thread per worker, as this process has (conftest): the same sums in the same order.
+    with ProcessPool(ModelSpec(str(tiny_model_dir)), workers=2, threads=1) as pool:
         report = run_batch(tiny_model, jobs, tmp_path / "out", SETTINGS, pool, progress=False)
     assert report.ran == 3 and not report.failed
     assert images(tmp_path / "out") == images(sequential_out)
@@ -259,7 +260,7 @@ def test_ray_gives_the_sequential_images(
 ):
     ray = pytest.importorskip("ray")
     jobs = _jobs_and_model(tmp_path, tiny_model)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # 1 thread per actor
     try:
         with RayActors(ModelSpec(str(tiny_model_dir)), address="auto") as actors:
             assert actors.workers == 2  # one per CPU of the cluster

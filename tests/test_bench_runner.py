@@ -16,6 +16,7 @@ from conftest import build_tiny_sd
 from PIL import Image
 
 from dpl_edit import cli
+from dpl_edit.batch.executors import ModelSpec, ProcessPool
 from dpl_edit.batch.jobs import JobDefaults, read_jobs
 from dpl_edit.batch.run import BatchSettings, check_job
 from dpl_edit.bench import runner
@@ -256,15 +257,23 @@ def _scene_files(out: Path) -> dict[str, object]:
 
 
 def test_two_workers_give_the_sequential_results(
-    world_model_dir: Path, bench_out: Path, tmp_path: Path
+    world_model: LoadedModel, world_model_dir: Path, bench_out: Path, tmp_path: Path
 ):
-    out = tmp_path / "parallel"
-    argv = ["bench", "--split", "test", "--limit", "2", "--methods", *METHODS, "--steps", "2"]
-    argv += ["--out", str(out), "--model", str(world_model_dir), "--device", "cpu"]
-    assert cli.main([*argv, "--workers", "2"]) == 0
+    out, scenes = tmp_path / "parallel", world_split("test", 2)
+    # One thread per worker, as this process has (conftest): the same sums in the same order.
+    with ProcessPool(ModelSpec(str(world_model_dir)), workers=2, threads=1) as pool:
+        runner.run_bench(world_model, scenes, out, METHODS, SETTINGS, progress=False, executor=pool)
     assert _scene_files(out) == _scene_files(bench_out)
     per_scene = json.loads((out / "per_scene.json").read_text())
     assert [s["id"] for s in per_scene] == ["test-000", "test-001"]
+
+
+def test_bad_parallel_options_are_one_line_errors(world_model_dir: Path, capsys):
+    argv = ["bench", "--limit", "1", "--model", str(world_model_dir), "--out", "/nonexistent"]
+    assert cli.main([*argv, "--gpus-per-job", "1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --gpus-per-job needs --ray"
+    assert cli.main([*argv, "--workers", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --workers must be at least 1, got 0"
 
 
 def test_example_jobs_are_the_scenes_word_swaps(world_model: LoadedModel, tmp_path: Path):

@@ -116,13 +116,17 @@ def _in_worker(work: Work, task: Any) -> Any:
 
 class ProcessPool(Executor):
     """`workers` local processes (spawned, so no state is shared by forking a loaded torch),
-    each loading the model once and using its share of the cores."""
+    each loading the model once and using `threads` threads (default: its share of the cores).
 
-    def __init__(self, spec: ModelSpec, workers: int):
+    Results are bit-identical to a run in one process with as many threads; with another
+    thread count, float sums are ordered differently and a few pixels may differ by one level.
+    """
+
+    def __init__(self, spec: ModelSpec, workers: int, threads: int | None = None):
         if workers < 2:
             raise DplError(f"a process pool needs at least 2 workers, got {workers}")
         self.workers = workers
-        self.threads = threads_per_worker(workers)
+        self.threads = threads or threads_per_worker(workers)
         self.pool = ProcessPoolExecutor(
             max_workers=workers,
             mp_context=get_context("spawn"),
