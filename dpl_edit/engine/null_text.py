@@ -77,12 +77,17 @@ def optimize_null(
     the inner steps taken and the last loss.
     """
     t = ddim.timesteps[step]
-    null = null_init.detach().clone().requires_grad_(True)
+    # Optimised in float32 whatever the model's dtype: Adam's epsilon and small steps vanish in
+    # float16, which turns the null text into inf/NaN.
+    null = null_init.detach().float().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([null], lr=settings.lr * (1.0 - step / 100.0))
+    cond_output, latent32, target = cond_output.float(), latent.float(), target.float()
     loss_value, taken = float("nan"), 0
     for taken in range(1, settings.inner_steps + 1):  # noqa: B007 - `taken` is reported
-        uncond_output = model.predict(latent, t, null)
-        loss = F.mse_loss(ddim.guided_step(uncond_output, cond_output, guidance, t, latent), target)
+        uncond_output = model.predict(latent, t, null.to(model.dtype)).float()
+        loss = F.mse_loss(
+            ddim.guided_step(uncond_output, cond_output, guidance, t, latent32), target
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -141,7 +146,7 @@ def null_text_inversion(
         losses.append(loss)
         bar.update(settings.inner_steps)
         with torch.no_grad():
-            uncond_output = model.predict(latent, t, null)
+            uncond_output = model.predict(latent, t, null.to(model.dtype))
             latent = ddim.guided_step(uncond_output, cond_output, guidance, t, latent)
     bar.close()
     return NullTextResult(
