@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint format
+.PHONY: setup demo test bench speed lint format
 
 setup: $(STAMP)
 
@@ -25,6 +25,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/dpl bench --split test --limit 20 --out bench/results
+
+speed: $(STAMP)
+	$(BIN)/python -m dpl_edit.bench.speed --steps 50 --out bench/speed
 
 lint: $(STAMP)
 	$(BIN)/ruff check dpl_edit tests

@@ -131,7 +131,9 @@ def build_models(device: torch.device, dtype: torch.dtype, configs: dict = SD15,
     vae = AutoencoderKL(**configs["vae"])
     text = CLIPTextModel(CLIPTextConfig(**configs["text"]))
     for module in (unet, vae, text):
-        module.requires_grad_(False).eval().to(device, dtype)
+        module.requires_grad_(False).eval().to(device)
+        if dtype != torch.float32:  # a cast to float32 would only warn
+            module.to(dtype)
     return unet, vae, text
 
 
