@@ -61,6 +61,8 @@ def invert(
     if method != "dpl" and dpl_options:
         raise DplError(f"words and background options need method 'dpl', not '{method}'")
     null_text = null_text or NullTextSettings()
+    if not prompt.strip():  # nothing to edit later: P2P edits the prompt's words
+        raise DplError("the prompt is empty; describe the image in words")
     check_prompt(model, prompt)  # a prompt the model cannot take is the first thing to report
     plan = None
     if method == "dpl":
