@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
 from dpl_edit.engine.model import LoadedModel, load_model
 from dpl_edit.engine.settings import EditSettings, InversionSettings
@@ -101,6 +102,11 @@ def status_line(exc: BaseException) -> str:
         return error_line(exc)
     log.error("request failed", exc_info=exc)
     return f"error: internal error ({type(exc).__name__}); the server's log has the details"
+
+
+def _captioned(pictures: list[tuple[str, Image.Image]]) -> list[tuple[Image.Image, str]]:
+    """Labelled pictures in the (image, caption) order a Gallery takes."""
+    return [(picture, label) for label, picture in pictures]
 
 
 def _scores(result: Inverted) -> str:
@@ -268,8 +274,10 @@ def build_app(
             except Exception as exc:
                 return [gr.skip()] * 5 + [status_line(exc)]
             seconds = time.perf_counter() - start
-            files = [result.session.source_file, result.attention, result.inversion_zip]
-            return [result.session, result.reconstructions, str(result.attention), _scores(result),
+            files = [
+                str(p) for p in (result.session.source_file, result.attention, result.inversion_zip)
+            ]
+            return [result.session, _captioned(result.reconstructions), str(result.attention), _scores(result),
                     files, f"inverted in {seconds:.0f} s; now edit"]  # fmt: skip
 
         invert_event = invert_button.click(
@@ -304,7 +312,7 @@ def build_app(
             except Exception as exc:
                 return [gr.skip()] * 3 + [status_line(exc)]
             seconds = time.perf_counter() - start
-            return [result.pictures, result.files, "\n".join(result.commands),
+            return [_captioned(result.pictures), [str(p) for p in result.files], "\n".join(result.commands),
                     f"edited in {seconds:.1f} s"]  # fmt: skip
 
         edit_event = edit_button.click(
