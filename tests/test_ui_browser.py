@@ -1,9 +1,9 @@
 """The web app end to end in a real headless browser (issue 10): Debian's Chromium, via Selenium.
 
 `dpl ui` runs as a user starts it (a subprocess, the bundled model, a free port); the test picks
-a bundled scene, inverts with 3 steps, watches the progress bar, edits, checks that the pictures
-and numbers appear, gives a bad prompt and checks that the page shows the CLI's line and keeps
-working. `make test` installs Chromium first (`make browser`); without it the test is skipped.
+a bundled scene, inverts with NTI and DPL (2 steps), watches the progress bar, edits, checks
+that the pictures and numbers appear, gives a bad prompt and checks that the page shows the
+CLI's line and keeps working. `make test` installs Chromium first (`make browser`); without it the test is skipped.
 The screenshot goes to the test's folder, and to $DPL_UI_SCREENSHOT when set (the README's
 `docs/ui.png` is made that way).
 """
@@ -115,7 +115,10 @@ def test_the_whole_flow_in_a_browser(address: str, browser: webdriver.Chrome, tm
     caption = _value(browser, "prompt")
     words = _wait(lambda: _value(browser, "words"), 60, "the object words (model loading)")
     assert set(str(words).split()) <= set(caption.split())  # the caption's object words
-    _type(browser, "#steps input", "3")
+    _type(browser, "#steps input", "2")
+    next(
+        o for o in browser.find_elements(By.CSS_SELECTOR, "#method label") if o.text == "both"
+    ).click()
 
     browser.find_element(By.ID, "invert").click()
     seen = set()  # the stages the progress bar names while the inversion runs
@@ -127,15 +130,21 @@ def test_the_whole_flow_in_a_browser(address: str, browser: webdriver.Chrome, tm
 
     _wait(inverted, 240, f"the inversion ({_text(browser, 'status')!r})")
     assert seen, "no progress bar was shown"
-    assert _images(browser, "attention") == 1 and _images(browser, "reconstruction") == 1
+    assert _images(browser, "attention") == 1 and _images(browser, "reconstruction") == 2
     scores = _text(browser, "scores")
-    assert "PSNR: DPL" in scores and "leakage" in scores
+    assert "PSNR: NTI" in scores and ", DPL" in scores and "leakage" in scores
     assert "%" in scores  # each masked word's share outside its object
 
     browser.find_element(By.ID, "edit").click()
     _wait(lambda: "edited in" in _text(browser, "status"), 60, "the edit")
-    assert _images(browser, "edits") == 3  # source, edit, difference
-    assert _value(browser, "command").startswith("dpl run source.png --prompt ")
+    assert _images(browser, "edits") == 6  # source, edit, difference; NTI's, then DPL's
+    commands = _value(browser, "command").splitlines()
+    assert [c.split(" --method ")[1].split()[0] for c in commands] == ["nti", "dpl"]
+    assert commands[0].startswith("dpl run source.png --prompt ")
+    browser.execute_script("window.scrollTo(0, 0)")
+    browser.save_screenshot(str(tmp_path / "ui.png"))
+    if os.environ.get("DPL_UI_SCREENSHOT"):
+        shutil.copy(tmp_path / "ui.png", os.environ["DPL_UI_SCREENSHOT"])
 
     _type(browser, "#prompt textarea", "a purple dog")
     browser.find_element(By.ID, "invert").click()
@@ -145,8 +154,4 @@ def test_the_whole_flow_in_a_browser(address: str, browser: webdriver.Chrome, tm
 
     browser.find_element(By.ID, "edit").click()  # the cached inversion still edits
     _wait(lambda: "edited in" in _text(browser, "status"), 60, "the edit after the error")
-    browser.execute_script("window.scrollTo(0, 0)")
-    browser.save_screenshot(str(tmp_path / "ui.png"))
-    if os.environ.get("DPL_UI_SCREENSHOT"):
-        shutil.copy(tmp_path / "ui.png", os.environ["DPL_UI_SCREENSHOT"])
     print(f"browser flow: {time.monotonic() - start:.0f} s")

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 MAX_SLIDERS = 12
 """Re-weight sliders on the page, one per distinct word of the target (a prompt of the bundled
 model has at most 15 tokens, of which a dozen distinct words at most)."""
+SLIDERS_PER_ROW = 3
 
 
 class ModelHolder:
@@ -148,9 +149,10 @@ def build_app(
                 gallery = gr.Gallery(
                     [(s.image, s.caption) for s in scenes],
                     label="Bundled scenes (exact masks: the leakage is measured)",
-                    columns=len(scenes),
+                    columns=3,
                     allow_preview=False,
-                    height="auto",
+                    height=260,
+                    object_fit="contain",
                     elem_id="scenes",
                 )
                 upload = gr.File(label="... or upload an image", elem_id="upload")
@@ -173,11 +175,10 @@ def build_app(
                     cancel_button = gr.Button("Cancel", elem_id="cancel")
                 status = gr.Markdown(elem_id="status")
         with gr.Row():
-            reconstructions = gr.Gallery(label="Reconstruction", columns=2, height="auto",
-                                         elem_id="reconstruction")  # fmt: skip
-            attention = gr.Image(
-                label="Each word's attention", type="filepath", elem_id="attention"
-            )
+            reconstructions = gr.Gallery(label="Reconstruction", columns=2, height=240, scale=1,
+                                         object_fit="contain", elem_id="reconstruction")  # fmt: skip
+            attention = gr.Image(label="Each word's attention (NTI and DPL rows when both ran)",
+                                 type="filepath", height=240, scale=3, elem_id="attention")  # fmt: skip
         scores = gr.Markdown(elem_id="scores")
         gr.Markdown("## Edit (from the cached inversion)")
         with gr.Row():
@@ -193,11 +194,13 @@ def build_app(
                 edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
             with gr.Column():
                 gr.Markdown("Re-weight the target's words (1 = unchanged)")
-                sliders = [
-                    gr.Slider(0, 5, 1.0, step=0.1, visible=False) for _ in range(MAX_SLIDERS)
-                ]
-        edits = gr.Gallery(label="Edits: source, edit, difference", columns=3, height="auto",
-                           elem_id="edits")  # fmt: skip
+                sliders = []
+                for _ in range(0, MAX_SLIDERS, SLIDERS_PER_ROW):
+                    with gr.Row():
+                        sliders += [gr.Slider(0, 5, 1.0, step=0.1, visible=False, min_width=120)
+                                    for _ in range(SLIDERS_PER_ROW)]  # fmt: skip
+        edits = gr.Gallery(label="Edits: source, edit, difference", columns=6, height=280,
+                           object_fit="contain", elem_id="edits")  # fmt: skip
         downloads = gr.File(label="Downloads", file_count="multiple", elem_id="downloads")
         command = gr.Textbox(label="The `dpl run` command that reproduces it", lines=2,
                              elem_id="command")  # fmt: skip
