@@ -84,8 +84,8 @@ def test_invert_shows_the_library_psnr_and_leakage(tiny_model, both):
 
 
 def test_invert_writes_the_grid_and_a_zip_of_loadable_inversions(tiny_model, both, tmp_path):
-    assert both.attention.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with zipfile.ZipFile(both.inversion_zip) as archive:
+    assert both.session.attention.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with zipfile.ZipFile(both.session.inversion_zip) as archive:
         archive.extractall(tmp_path)
     for method, cached in both.session.inversions.items():
         loaded = Inversion.load(tmp_path / f"inversion-{method}", tiny_model)
@@ -106,7 +106,10 @@ def test_edit_uses_the_cached_inversions_and_reproduces_edit(tiny_model, both):
                     reweight={"lion": 2.0}, blend=["dog", "lion"], cross_replace_steps=0.6,
                     self_replace_steps=0.4, progress=False)  # fmt: skip
     assert np.array_equal(np.asarray(result.pictures[4][1]), np.asarray(expected.image))
-    assert result.files[1].name == "edit-dpl.png" and result.files[1].is_file()
+    assert [path.name for path in result.files] == [
+        "edit-nti.png", "edit-dpl.png", "source.png", "attention.png", "inversion.zip",
+    ]  # fmt: skip
+    assert all(path.is_file() for path in result.files)
 
 
 def test_the_command_line_parses_to_the_same_settings(tiny_model, both):
@@ -208,7 +211,7 @@ def test_bad_input_gives_the_clis_line(tiny_model, tiny_model_dir, strict_dir, b
         line = _handler_line(handler)
         assert line == _cli_line(capsys, argv), name
         assert line.startswith("error: ") and "\n" not in line
-    with zipfile.ZipFile(both.inversion_zip) as archive:
+    with zipfile.ZipFile(both.session.inversion_zip) as archive:
         archive.extractall(tmp_path / "inv")
     swap = "a cat and a big lion"  # one word more: a swap needs the same count
     line = _handler_line(lambda: edit_session(tiny_model, both.session, EditRequest(swap)))

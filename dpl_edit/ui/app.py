@@ -277,10 +277,8 @@ def build_app(
             except Exception as exc:
                 return [gr.skip()] * 5 + [status_line(exc)]
             seconds = time.perf_counter() - start
-            files = [
-                str(p) for p in (result.session.source_file, result.attention, result.inversion_zip)
-            ]
-            return [result.session, _captioned(result.reconstructions), str(result.attention), _scores(result),
+            files = [str(path) for path in result.session.downloads]
+            return [result.session, _captioned(result.reconstructions), str(result.session.attention), _scores(result),
                     files, f"inverted in {seconds:.0f} s; now edit"]  # fmt: skip
 
         invert_event = invert_button.click(

@@ -124,15 +124,23 @@ class EditRequest:
 
 @dataclass
 class Session:
-    """One visitor's work: the input, its cached inversions (method -> inversion) and the folder
-    the downloads are written to."""
+    """One visitor's work: the input, its cached inversions (method -> inversion), what they
+    drew, and the folder the downloads are written to."""
 
     folder: Path
     source_file: Path
     request: InvertRequest
     inversions: dict[str, Inversion]
+    attention: Path
+    """The attention grid (a row per method)."""
+    inversion_zip: Path
     masks: dict[str, np.ndarray] | None = None
     model_folder: str | None = None
+
+    @property
+    def downloads(self) -> list[Path]:
+        """The input, the attention grid and the inversion folders: offered with every result."""
+        return [self.source_file, self.attention, self.inversion_zip]
 
 
 @dataclass(frozen=True)
@@ -150,9 +158,7 @@ class Inverted:
     session: Session
     reconstructions: list[tuple[str, Image.Image]]
     psnr: dict[str, float]
-    attention: Path
     leakage: list[WordLeakage]
-    inversion_zip: Path
 
 
 @dataclass(frozen=True)
@@ -201,7 +207,6 @@ def invert_input(
         )
     if source_file is None:
         source_file = save_png(image, folder / "source.png")
-    session = Session(folder, source_file, request, inversions, masks, model_folder)
     reconstructions, scores = [], {}
     for method, inversion in inversions.items():
         _, picture = reconstruct(model, inversion)
@@ -210,14 +215,9 @@ def invert_input(
     first = next(iter(inversions.values()))
     rows = [(method.upper(), inversion.attention) for method, inversion in inversions.items()]
     grid = attention_grid(first.image, first.words, rows, folder / "attention.png")
-    return Inverted(
-        session,
-        reconstructions,
-        scores,
-        grid,
-        _leakage(inversions, masks),
-        _zip_inversions(inversions, folder / "inversion.zip"),
-    )
+    archive = _zip_inversions(inversions, folder / "inversion.zip")
+    session = Session(folder, source_file, request, inversions, grid, archive, masks, model_folder)
+    return Inverted(session, reconstructions, scores, _leakage(inversions, masks))
 
 
 def _leakage(
@@ -278,8 +278,7 @@ def edit_session(model: LoadedModel, session: Session, request: EditRequest) -> 
         ]
         files.append(result.save(session.folder / f"edit-{method}.png"))
         commands.append(run_command(session, method, request, f"edit-{method}.png"))
-    files += [session.folder / "attention.png", session.folder / "inversion.zip"]
-    return Edited(pictures, files, commands)
+    return Edited(pictures, files + session.downloads, commands)
 
 
 def difference_heatmap(source: Image.Image, edited: Image.Image) -> Image.Image:
