@@ -11,6 +11,7 @@ the CLI prints it, anything else as a short note (the traceback goes to the serv
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 import threading
 import time
@@ -66,9 +67,12 @@ class ModelHolder:
         threading.Thread(target=self._load_quietly, daemon=True).start()
 
     def _load_quietly(self) -> None:
+        """Load; a failure is reported again, as one line in the page, by each request."""
         try:
             self.get()
-        except Exception:  # reported again, as one line, by the first request that needs it
+        except DplError as exc:  # e.g. a --model folder that is not an SD model
+            print(error_line(exc), file=sys.stderr, flush=True)
+        except Exception:
             log.exception("loading the model failed")
 
     def get(self) -> LoadedModel:
@@ -346,8 +350,11 @@ def serve(
     holder.start()
     demo = build_app(holder, bundled_scenes(), model)
     demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
-                quiet=True, footer_links=[])  # fmt: skip
+    try:
+        demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
+                    quiet=True, footer_links=[])  # fmt: skip
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        raise DplError(f"cannot serve on {host}:{port}: {exc}") from None
     address = demo.share_url or demo.local_url
     print(f"dpl ui: {address}", flush=True)
     demo.block_thread()
