@@ -36,6 +36,7 @@ from dpl_edit.ui.handlers import (
     cancellable,
     changed_words,
     default_words,
+    discard_session,
     distinct_words,
     edit_session,
     invert_input,
@@ -142,6 +143,9 @@ def test_sessions_do_not_share_state(tiny_model, tmp_path):
         np.asarray(first.pictures[0][1]), np.asarray(two.reconstructions[0][1])
     )
     assert one.session.folder != two.session.folder
+    discard_session(one.session)
+    assert not one.session.folder.exists() and two.session.folder.is_dir()
+    discard_session(None)  # a tab closed before its first inversion
 
 
 def _cli_line(capsys: pytest.CaptureFixture, argv: list[str]) -> str:

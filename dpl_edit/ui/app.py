@@ -39,6 +39,7 @@ from dpl_edit.ui.handlers import (
     cancellable,
     changed_words,
     default_words,
+    discard_session,
     distinct_words,
     edit_session,
     invert_input,
@@ -142,7 +143,7 @@ def build_app(
     """The page: input, Invert (with progress and Cancel), results, Edit, downloads."""
     flags = CancelFlags()
     with gr.Blocks(title="dpl-edit", analytics_enabled=False) as demo:
-        session = gr.State(None)
+        session = gr.State(None, delete_callback=discard_session)
         scene_index = gr.State(None)
         gr.Markdown(
             "# dpl-edit\nInvert a picture once (null-text inversion, or DPL, or both), see where "

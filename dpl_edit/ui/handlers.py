@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import shlex
+import shutil
 import threading
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -143,6 +144,12 @@ class Session:
         return [self.source_file, self.attention, self.inversion_zip]
 
 
+def discard_session(session: Session | None) -> None:
+    """Delete a session's folder once its browser tab is gone (the page served copies)."""
+    if session is not None:
+        shutil.rmtree(session.folder, ignore_errors=True)
+
+
 @dataclass(frozen=True)
 class WordLeakage:
     """A word's share of attention outside its object, per method (known masks only)."""
@@ -226,16 +233,13 @@ def _leakage(
     """Each masked word's leakage under each method, as the benchmark measures it."""
     if not masks:
         return []
-    first = next(iter(inversions.values()))
+    maps = {method: word_maps(inv.attention, inv.words) for method, inv in inversions.items()}
     rows = []
-    for index, (word, _) in enumerate(first.words):
+    for index, (word, _) in enumerate(next(iter(inversions.values())).words):
         noun = bare_word(word)
         if noun in masks:
             outside = {
-                method: object_localisation(
-                    word_maps(inv.attention, inv.words)[index], masks, noun
-                )[1]
-                for method, inv in inversions.items()
+                m: object_localisation(heat[index], masks, noun)[1] for m, heat in maps.items()
             }
             rows.append(WordLeakage(noun, outside))
     return rows
