@@ -25,6 +25,7 @@ from dpl_edit.engine.edit import edit
 from dpl_edit.engine.inversion import reconstruct
 from dpl_edit.engine.model import load_model
 from dpl_edit.errors import DplError, error_line
+from dpl_edit.io.images import read_image
 from dpl_edit.io.pictures import word_maps
 from dpl_edit.metrics import object_localisation, psnr
 from dpl_edit.ui.app import ModelHolder, build_app, status_line
@@ -40,7 +41,6 @@ from dpl_edit.ui.handlers import (
     distinct_words,
     edit_session,
     invert_input,
-    read_upload,
 )
 
 PROMPT = "a cat and a dog"
@@ -176,7 +176,7 @@ def test_bad_input_gives_the_clis_line(tiny_model, tiny_model_dir, strict_dir, b
     out = ["--out", str(tmp_path / "out")]
     cases = {
         "not an image": (
-            lambda: read_upload(_text_file(tmp_path)),
+            lambda: read_image(_text_file(tmp_path)),
             ["invert", str(_text_file(tmp_path)), "--prompt", PROMPT, *out, *model],
         ),
         "empty prompt": (

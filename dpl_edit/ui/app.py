@@ -26,6 +26,7 @@ from dpl_edit.engine.model import LoadedModel, load_model
 from dpl_edit.engine.settings import EditSettings, InversionSettings
 from dpl_edit.errors import DplError, error_line
 from dpl_edit.io.atomic import atomic_write_bytes
+from dpl_edit.io.images import read_image
 from dpl_edit.ui.handlers import (
     METHOD_CHOICES,
     MODE_CHOICES,
@@ -43,7 +44,6 @@ from dpl_edit.ui.handlers import (
     distinct_words,
     edit_session,
     invert_input,
-    read_upload,
 )
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ def build_app(
             if path is None:
                 return [gr.skip(), gr.skip(), ""]
             try:
-                return [None, read_upload(path), ""]
+                return [None, read_image(path), ""]
             except Exception as exc:
                 return [None, None, status_line(exc)]
 
@@ -267,7 +267,7 @@ def build_app(
                 if index is not None:
                     image, masks = scenes[index].image, scenes[index].masks
                 elif file:
-                    image = read_upload(file)
+                    image = read_image(file)
                     source_file = atomic_write_bytes(
                         folder / Path(file).name, Path(file).read_bytes()
                     )

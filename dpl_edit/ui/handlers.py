@@ -33,7 +33,7 @@ from dpl_edit.engine.settings import EditSettings, InversionSettings
 from dpl_edit.engine.text import bare_word
 from dpl_edit.errors import DplError
 from dpl_edit.io.atomic import atomic_write_bytes
-from dpl_edit.io.images import read_image, save_png
+from dpl_edit.io.images import save_png
 from dpl_edit.io.pictures import attention_grid, overlay, word_maps
 from dpl_edit.metrics import object_localisation, psnr
 
@@ -70,11 +70,6 @@ def bundled_scenes(count: int = SCENE_COUNT) -> list[Scene]:
     return [Scene(s.id, Image.fromarray(s.image), s.source, s.target, s.masks) for s in scenes]
 
 
-def read_upload(path: str | Path) -> Image.Image:
-    """An uploaded file as an image, refused as the CLI refuses it (`read_image`)."""
-    return read_image(path)
-
-
 def default_words(model: LoadedModel, prompt: str) -> list[str]:
     """The words DPL learns by default: the prompt's words in the model's object list (none
     when the model has no list or the prompt names none of them)."""
@@ -101,11 +96,11 @@ def changed_words(source: str, target: str) -> list[str]:
 
 @dataclass(frozen=True)
 class InvertRequest:
-    """What the Invert button sends."""
+    """What the Invert button sends; `words` as typed (an entry may hold several, spaced)."""
 
     prompt: str
     words: tuple[str, ...] = ()
-    method: str = "DPL"
+    method: str = InversionSettings.method.upper()
     steps: int = UI_STEPS
     guidance: float = InversionSettings.guidance
     seed: int = 0
