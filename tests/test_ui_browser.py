@@ -125,7 +125,8 @@ def test_the_whole_flow_in_a_browser(address: str, browser: webdriver.Chrome, tm
 
     def inverted() -> bool:
         page = browser.find_element(By.TAG_NAME, "body").text
-        seen.update(stage for stage in ("DDIM inversion", "null-text inversion") if stage in page)
+        stages = ("DDIM inversion", "token learning + null-text inversion")
+        seen.update(stage for stage in stages if stage in page)
         return "inverted in" in _text(browser, "status")
 
     _wait(inverted, 240, f"the inversion ({_text(browser, 'status')!r})")
