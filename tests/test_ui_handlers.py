@@ -12,6 +12,7 @@ import shlex
 import shutil
 import threading
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ from dpl_edit.ui.handlers import (
     distinct_words,
     edit_session,
     invert_input,
+    run_command,
 )
 
 PROMPT = "a cat and a dog"
@@ -126,6 +128,15 @@ def test_the_command_line_parses_to_the_same_settings(tiny_model, both):
     assert (args.mode, args.reweight, args.blend) == ("refine", [("lion", 2.5)], ["lion"])
     assert (args.cross_steps, args.self_steps) == ([("default_", 0.7)], 0.3)
     assert args.model is None  # the bundled model is the CLI's default
+    elsewhere = replace(
+        both.session, model_args=("--model", "/models/sd 1.5", "--dtype", "float16")
+    )
+    args = build_parser().parse_args(
+        shlex.split(run_command(elsewhere, "nti", request, "e.png"))[1:]
+    )
+    assert (args.model, args.dtype, args.device, args.method) == (
+        "/models/sd 1.5", "float16", "auto", "nti",
+    )  # fmt: skip
 
 
 def test_sessions_do_not_share_state(tiny_model, tmp_path):

@@ -23,7 +23,7 @@ import gradio as gr
 from PIL import Image
 
 from dpl_edit.engine.model import LoadedModel, load_model
-from dpl_edit.engine.settings import EditSettings, InversionSettings
+from dpl_edit.engine.settings import DTYPES, EditSettings, InversionSettings
 from dpl_edit.errors import DplError, error_line
 from dpl_edit.io.atomic import atomic_write_bytes
 from dpl_edit.io.images import read_image
@@ -138,9 +138,11 @@ def _scores(result: Inverted) -> str:
 
 
 def build_app(
-    holder: ModelHolder, scenes: list[Scene], model_folder: str | None = None
+    holder: ModelHolder, scenes: list[Scene], model_args: tuple[str, ...] = ()
 ) -> gr.Blocks:
-    """The page: input, Invert (with progress and Cancel), results, Edit, downloads."""
+    """The page: input, Invert (with progress and Cancel), results, Edit, downloads.
+
+    `model_args` are the `dpl` options that load the holder's model, for the command lines."""
     flags = CancelFlags()
     with gr.Blocks(title="dpl-edit", analytics_enabled=False) as demo:
         session = gr.State(None, delete_callback=discard_session)
@@ -278,7 +280,7 @@ def build_app(
                 model = holder.get()
                 with holder.lock, cancellable(model, flags.fresh(request.session_hash)):
                     result = invert_input(model, image, invert_request, folder, masks,
-                                          model_folder, source_file)  # fmt: skip
+                                          model_args, source_file)  # fmt: skip
             except Exception as exc:
                 return [gr.skip()] * 5 + [status_line(exc)]
             seconds = time.perf_counter() - start
@@ -349,7 +351,10 @@ def serve(
     interrupted; returns the address."""
     holder = ModelHolder(lambda: load_model(model, device=device, dtype=dtype))
     holder.start()
-    demo = build_app(holder, bundled_scenes(), model)
+    model_args = (*(("--model", model) if model else ()),
+                  *(("--device", device) if device != "auto" else ()),
+                  *(("--dtype", dtype) if dtype != DTYPES[0] else ()))  # fmt: skip
+    demo = build_app(holder, bundled_scenes(), model_args)
     demo.queue(default_concurrency_limit=1)
     try:
         demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,

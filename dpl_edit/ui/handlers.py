@@ -28,7 +28,7 @@ from dpl_edit.dpl.stage import choose_words
 from dpl_edit.engine.artifact import Inversion
 from dpl_edit.engine.edit import edit
 from dpl_edit.engine.inversion import invert, reconstruct
-from dpl_edit.engine.model import BUNDLED_MODEL, LoadedModel
+from dpl_edit.engine.model import LoadedModel
 from dpl_edit.engine.settings import EditSettings, InversionSettings
 from dpl_edit.engine.text import bare_word
 from dpl_edit.errors import DplError
@@ -131,7 +131,8 @@ class Session:
     """The attention grid (a row per method)."""
     inversion_zip: Path
     masks: dict[str, np.ndarray] | None = None
-    model_folder: str | None = None
+    model_args: tuple[str, ...] = ()
+    """The `dpl` options that load the server's model (`--model`, `--device`, `--dtype`)."""
 
     @property
     def downloads(self) -> list[Path]:
@@ -183,7 +184,7 @@ def invert_input(
     request: InvertRequest,
     folder: Path,
     masks: dict[str, np.ndarray] | None = None,
-    model_folder: str | None = None,
+    model_args: tuple[str, ...] = (),
     source_file: Path | None = None,
 ) -> Inverted:
     """Invert `image` with each method of `request.method` and draw what the inversions saw.
@@ -218,7 +219,7 @@ def invert_input(
     rows = [(method.upper(), inversion.attention) for method, inversion in inversions.items()]
     grid = attention_grid(first.image, first.words, rows, folder / "attention.png")
     archive = _zip_inversions(inversions, folder / "inversion.zip")
-    session = Session(folder, source_file, request, inversions, grid, archive, masks, model_folder)
+    session = Session(folder, source_file, request, inversions, grid, archive, masks, model_args)
     return Inverted(session, reconstructions, scores, _leakage(inversions, masks))
 
 
@@ -303,9 +304,7 @@ def run_command(session: Session, method: str, request: EditRequest, out: str) -
     if request.blend:
         args += ["--blend", *request.blend]
     args += ["--cross-steps", f"{request.cross_steps:g}", "--self-steps", f"{request.self_steps:g}"]
-    if session.model_folder and Path(session.model_folder).resolve() != BUNDLED_MODEL.resolve():
-        args += ["--model", session.model_folder]
-    return shlex.join(args)
+    return shlex.join([*args, *session.model_args])
 
 
 class Cancelled(DplError):
