@@ -93,16 +93,17 @@ def _add_model_options(group: argparse._ActionsContainer) -> None:
     group.add_argument("--dtype", default=DTYPES[0], choices=DTYPES, help="(default: %(default)s)")
 
 
-def _add_inversion_options(parser: argparse.ArgumentParser) -> None:
+def _add_inversion_options(parser: argparse.ArgumentParser, one_image: bool = True) -> None:
     parser.add_argument("--method", choices=METHODS, default=_INVERSION.method,
                         help="inversion method (default: %(default)s)")  # fmt: skip
     parser.add_argument(
         "--resize", action="store_true", help="stretch non-square images instead of cropping"
     )
-    _add_dpl_options(parser)
+    _add_dpl_options(parser, one_image)
 
 
-def _add_dpl_options(parser: argparse.ArgumentParser) -> None:
+def _add_dpl_options(parser: argparse.ArgumentParser, one_image: bool = True) -> None:
+    """DPL's options; a batch (`one_image` False) has no --bg-mask, a mask being per image."""
     group = parser.add_argument_group(
         "Dynamic Prompt Learning (--method dpl)",
         "Unset options keep the model's DPL settings (dpl_defaults.json), else the paper's.",
@@ -110,8 +111,9 @@ def _add_dpl_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--words", nargs="+", metavar="WORD",
                        help="words that get dynamic tokens (default: the prompt's words in the "
                        "model's object list)")  # fmt: skip
-    group.add_argument("--bg-mask", metavar="FILE",
-                       help="background mask (white = background) instead of estimating one")  # fmt: skip
+    if one_image:
+        group.add_argument("--bg-mask", metavar="FILE",
+                           help="background mask (white = background) instead of estimating one")  # fmt: skip
     group.add_argument("--no-bg", action="store_true", help="no background-leakage loss")
     group.add_argument("--paper-settings", action="store_true",
                        help="start from the paper's DPL settings instead of the model's chosen "
@@ -137,6 +139,10 @@ def _add_dpl_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threshold-index", choices=["step", "fraction"],
                        help="index the loss thresholds by step, or by the fraction of the "
                        "schedule (a 10-step run then follows the 50-step schedule)")  # fmt: skip
+    group.add_argument("--leak-region", choices=["background", "others"],
+                       help="what the background loss keeps a word's map off: the estimated "
+                       "background (paper), or everything outside the word's own clusters "
+                       "(background and the other words' objects)")  # fmt: skip
     group.add_argument("--bg-resample", choices=["majority", "any"],
                        help="background mask at the loss level: area majority, or any "
                        "background in the cell (the paper code's dilated mask)")  # fmt: skip
@@ -156,6 +162,7 @@ _DPL_KNOBS = {
     "softmax_tokens": "softmax_tokens",
     "loss_res": "loss_res",
     "threshold_index": "threshold_index",
+    "leak_region": "leak_region",
 }
 """CLI option -> `DplLossConfig` field, for the options that take a value."""
 _DPL_SWITCHES = {"no_at": "use_at", "no_dj": "use_dj", "no_thresholds": "use_thresholds"}
@@ -266,6 +273,11 @@ def _inner_steps(inversion) -> dict[str, list[int]]:
     return inner
 
 
+def _cross_windows(args: argparse.Namespace) -> dict[str, float]:
+    """--cross-steps as `edit` takes it: the default fraction, then per-word ones."""
+    return {"default_": _EDIT.cross_replace_steps, **dict(args.cross_steps)}
+
+
 def _edit(args: argparse.Namespace, model, inversion) -> Any:
     from dpl_edit.engine.edit import edit
 
@@ -278,7 +290,7 @@ def _edit(args: argparse.Namespace, model, inversion) -> Any:
         mode=args.mode,
         reweight=dict(args.reweight),
         blend=args.blend,
-        cross_replace_steps={"default_": _EDIT.cross_replace_steps, **dict(args.cross_steps)},
+        cross_replace_steps=_cross_windows(args),
         self_replace_steps=args.self_steps,
         guidance=args.guidance,
     )
@@ -357,28 +369,16 @@ def _check_comparable(inversion, other, folder: str) -> None:
 
 def _run_run(args: argparse.Namespace) -> Summary:
     from dpl_edit.engine.text import check_prompt
-    from dpl_edit.io.images import read_image, save_png
-    from dpl_edit.io.pictures import attention_grid
+    from dpl_edit.io.images import read_image
+    from dpl_edit.outputs import RunFiles
 
     image = read_image(args.image)
-    out = Path(args.out)
     model = _load_model(args)
     check_prompt(model, args.target)  # the edit's target is refused before the inversion runs
     inversion = _invert(args, model, image)
     result = _edit(args, model, inversion)
-    outputs = {
-        "image": result.save(out),
-        "source": save_png(result.source, out.with_name(f"{out.stem}_source.png")),
-        "inversion": inversion.save(out.with_name(f"{out.stem}_inversion"), overwrite=True),
-        "attention": attention_grid(
-            inversion.image,
-            inversion.words,
-            [(inversion.method.upper(), inversion.attention)],
-            out.with_name(f"{out.stem}_attention.png"),
-        ),
-    }
     return _summary(
-        outputs,
+        RunFiles.next_to(Path(args.out)).save(inversion, [result]),
         {**inversion.timings, **result.timings},
         {**inversion.unet_evals, **result.unet_evals},
         _inner_steps(inversion),
@@ -449,9 +449,117 @@ def _run_bench(args: argparse.Namespace) -> Summary:
         scene_set = f"built-in world {args.split} split{which}, first {len(scenes)} scenes"
     settings = BenchSettings(steps=args.steps, guidance=args.guidance, seed=args.seed)
     start = time.perf_counter()
-    run_bench(_load_model(args), scenes, args.out, args.methods, settings, scene_set)
+    model = _load_model(args)
+    with _executor(args, model) as executor:
+        run_bench(model, scenes, args.out, args.methods, settings, scene_set, executor=executor)
     outputs = {name: Path(args.out) / name for name in ("report.md", "aggregate.json")}
     return _summary(outputs, {"bench": time.perf_counter() - start}, {})
+
+
+def _add_executor_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "parallel runs", "Every worker loads the model once; results are written here."
+    )
+    group.add_argument("--workers", type=int, metavar="N",
+                       help="local worker processes, each with cores/N threads (default: 1, this "
+                       "process); with --ray the number of Ray workers (default: one per GPU, "
+                       "else per CPU, of the cluster)")  # fmt: skip
+    group.add_argument("--ray", metavar="ADDRESS",
+                       help="run on a Ray cluster: auto (the one this machine is in), local "
+                       "(start one here) or HOST:PORT; needs pip install 'dpl-edit[ray]'")  # fmt: skip
+    group.add_argument("--gpus-per-job", type=float, metavar="G",
+                       help="GPUs each Ray worker reserves (default: 1 on a cluster with GPUs, "
+                       "else 0)")  # fmt: skip
+
+
+def _executor(args: argparse.Namespace, model) -> Any:
+    """The executor --workers, --ray and --gpus-per-job ask for (this process by default)."""
+    import os
+
+    from dpl_edit.batch.executors import ModelSpec, make_executor
+
+    spec = ModelSpec(args.model or os.environ.get("DPL_MODEL"), args.device, args.dtype)
+    return make_executor(model, spec, args.workers, args.ray, args.gpus_per_job)
+
+
+def _run_batch(args: argparse.Namespace) -> Summary:
+    from dpl_edit.batch.executors import require_ray
+    from dpl_edit.batch.jobs import EditJob, JobDefaults, read_jobs
+    from dpl_edit.batch.run import BatchSettings, check_job, run_batch
+    from dpl_edit.dpl.stage import ORIGINAL_NULL_TEXT
+
+    if args.example_jobs:
+        from dpl_edit.bench.world_set import export_jobs
+
+        path = export_jobs(args.example_jobs, args.split, args.limit)
+        return _summary({"jobs": path}, {}, {})
+    if not args.jobs or not args.out:
+        raise DplError("give a job file and --out (or --example-jobs DIR)")
+    if args.ray:
+        require_ray()  # before minutes of checking and loading
+    model = _load_model(args)
+    settings = BatchSettings(
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        resize=args.resize,
+        null_text=ORIGINAL_NULL_TEXT if args.null_text_original else None,
+        dpl_config=_dpl_config(args, model),
+        background=_background(args),
+        no_bg=args.no_bg,
+    )
+    defaults = JobDefaults(
+        method=args.method,
+        words=tuple(args.words) if args.words else None,
+        edit=EditJob(
+            target="",
+            mode=args.mode,
+            reweight=dict(args.reweight),
+            blend=tuple(args.blend),
+            cross_steps=_cross_windows(args),
+            self_steps=args.self_steps,
+        ),
+    )
+    jobs = read_jobs(args.jobs, defaults, lambda job: check_job(model, job, settings))
+    with _executor(args, model) as executor:
+        report = run_batch(model, jobs, args.out, settings, executor)
+    summary = _summary(
+        {"summary": report.summary_md, "summary_jsonl": report.summary_jsonl},
+        {"batch": report.wall_seconds},
+        {},
+    )
+    summary["jobs"] = {
+        "total": report.total,
+        "ran": report.ran,
+        "skipped": report.skipped,
+        "failed": report.failed,
+    }
+    if report.failed:
+        print(
+            f"error: {len(report.failed)} of {report.total} jobs failed (first: "
+            f"'{report.failed[0]}'); see {report.summary_md}",
+            file=sys.stderr,
+        )
+        summary["exit_code"] = 1
+    return summary
+
+
+def _batch_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("jobs", nargs="?", help="job file (JSONL, one job a line; see README)")
+    parser.add_argument("--out", help="output folder (resumable: finished jobs are skipped)")
+    parser.add_argument("--example-jobs", metavar="DIR",
+                        help="write the built-in world scenes of --split as a job file (a word "
+                        "swap each) with their images into DIR and stop")  # fmt: skip
+    parser.add_argument("--split", choices=["val", "test"], default="val",
+                        help="scenes for --example-jobs (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--limit", type=int, default=20,
+                        help="number of scenes for --example-jobs (default: %(default)s)")  # fmt: skip
+    _add_inversion_options(parser, one_image=False)
+    parser.set_defaults(bg_mask=None)
+    _add_edit_options(parser)
+    _add_executor_options(parser)
+    _add_common(parser)
+    parser.epilog = "Options a job or edit sets itself override these (README, `dpl batch`)."
 
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -476,6 +584,7 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="write the --split scenes as JSONL + PNGs into DIR and stop",
     )
+    _add_executor_options(parser)
     _add_common(parser, steps=BenchSettings.steps, guidance=BenchSettings.guidance)
     parser.epilog = "Cost grows with --steps and --limit (README, `dpl bench`)."
 
@@ -536,6 +645,7 @@ COMMANDS: list[Command] = [
     Command("edit", "edit an inverted image with Prompt-to-Prompt", _edit_arguments, _run_edit),
     Command("attention", "draw each word's cross-attention", _attention_arguments, _run_attention),
     Command("run", "invert and edit in one go", _run_arguments, _run_run),
+    Command("batch", "invert and edit many images from a job file (resumable, parallel)", _batch_arguments, _run_batch),
     Command("bench", "leakage benchmark of DDIM, NTI, DPL (+ ablations)", _bench_arguments, _run_bench),
     Command("ui", "the web app: invert, see the attention, edit (local Gradio server)", _ui_arguments, _run_ui),
     Command("train-world", "train the bundled model on the synthetic world (resumable)", _train_arguments, _run_train),
@@ -565,12 +675,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    code = summary.pop("exit_code", 0)  # e.g. a batch whose every input was fine but a job failed
     if args.json:
         print(json.dumps({"command": args.command, **summary}, indent=2))
     else:
         for name, path in summary["outputs"].items():
             print(f"{name}: {path}")
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
+
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
@@ -11,9 +13,12 @@ from dpl_edit.engine.attention import (
     AttnLayer,
     ControlledAttnProcessor,
     CrossAttentionStore,
+    ForwardStopped,
     SelfAttentionStore,
+    StopAfter,
     attention_layers,
     controlled_attention,
+    last_layer,
 )
 from dpl_edit.engine.text import encode_text
 
@@ -135,3 +140,41 @@ def test_controllers_compose_in_order(tiny_model):
     torch.testing.assert_close(after.current(8), uniform)
     assert not torch.allclose(before.current(8), uniform)
     assert not torch.allclose(edited, plain)
+
+
+class _LayerLog(AttentionController):
+    """Records the names of the layers that ran, in order."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def wants(self, layer: AttnLayer) -> bool:
+        return True
+
+    def __call__(self, probs: torch.Tensor, layer: AttnLayer) -> torch.Tensor:
+        self.names.append(layer.name)
+        return probs
+
+
+def test_stopping_after_the_last_recorded_layer_keeps_maps_and_gradients(tiny_model):
+    """Stopping the UNet call after the 8x8 level's last layer skips the later layers and
+    leaves the recorded maps and their gradient w.r.t. the text exactly as in a full call."""
+    latents, context = _inputs(tiny_model, batch=1)
+    results = []
+    for stop in (False, True):
+        ctx = context.clone().requires_grad_(True)
+        store, log = CrossAttentionStore([8], grad=True), _LayerLog()
+        controllers = [log, store]
+        if stop:
+            controllers.append(StopAfter(last_layer(tiny_model.unet, store)))
+        with controlled_attention(tiny_model.unet, controllers), suppress(ForwardStopped):
+            tiny_model.predict(latents, 500, ctx)
+        maps = store.current(8)
+        (grad,) = torch.autograd.grad(maps[..., 2].square().sum(), ctx)
+        results.append((log.names, maps.detach(), grad))
+    (full_names, full_maps, full_grad), (cut_names, cut_maps, cut_grad) = results
+    assert cut_names[-1] == "up_blocks.1.attentions.1.transformer_blocks.0.attn2"
+    assert cut_names == full_names[: len(cut_names)] and len(cut_names) < len(full_names)
+    assert torch.equal(cut_maps, full_maps)
+    torch.testing.assert_close(cut_grad, full_grad, rtol=1e-5, atol=1e-7)
+    assert cut_grad.abs().sum() > 0

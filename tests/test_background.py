@@ -12,6 +12,7 @@ from PIL import Image
 from dpl_edit.dpl.background import (
     background_mask_at,
     estimate_background,
+    leak_regions,
     load_mask_png,
 )
 from dpl_edit.errors import DplError
@@ -78,6 +79,20 @@ def test_clusters_are_labelled_by_the_words_covering_them():
     for r in range(5):
         assert len(np.unique(clusters[region == r])) == 1
     assert Counter(result.cluster_owners) == {"cat": 1, "dog": 1, None: 3}
+
+
+def test_leak_regions_are_everything_outside_a_words_clusters():
+    region = regions()
+    both = leak_regions(estimate({2: [1], (4, 5): [3]}, [[2], [4, 5]], ["cat", "dog"]))
+    np.testing.assert_array_equal(both[0].numpy(), region != 1)
+    np.testing.assert_array_equal(both[1].numpy(), region != 3)
+    # A word that claims nothing keeps the plain background.
+    weak = estimate({2: [1], 3: [3]}, [[2], [3]], ["cat", "dog"], threshold=0.95)
+    assert not weak.word_masks["cat"].any()
+    np.testing.assert_array_equal(leak_regions(weak)[0].numpy(), weak.background.numpy())
+    # With no background, the other word's object is still there to stay off.
+    full = leak_regions(estimate({2: [0, 1, 2], 3: [3, 4]}, [[2], [3]], ["cat", "dog"]))
+    np.testing.assert_array_equal(full[0].numpy(), region >= 3)
 
 
 def test_cluster_scores_are_mean_normalised_attention():

@@ -13,8 +13,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import build_tiny_sd
+from PIL import Image
 
 from dpl_edit import cli
+from dpl_edit.batch.executors import ModelSpec, ProcessPool
+from dpl_edit.batch.jobs import JobDefaults, read_jobs
+from dpl_edit.batch.run import BatchSettings, check_job
 from dpl_edit.bench import runner
 from dpl_edit.bench.methods import BenchSettings, resolve_methods
 from dpl_edit.bench.scenes import caption_words, load_jsonl
@@ -35,9 +39,14 @@ METHODS = ["ddim", "nti"]
 
 
 @pytest.fixture(scope="module")
-def world_model(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+def world_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-world") / "tiny-world"
-    return load_model(build_tiny_sd(folder, words=list(world.VOCABULARY), text_len=24))
+    return build_tiny_sd(folder, words=list(world.VOCABULARY), text_len=24)
+
+
+@pytest.fixture(scope="module")
+def world_model(world_model_dir: Path) -> LoadedModel:
+    return load_model(world_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +240,54 @@ def test_unknown_methods_fail_before_any_work(capsys: pytest.CaptureFixture):
     assert cli.main(["bench", "--methods", "bogus", "--model", "/nonexistent"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown method 'bogus'")
     assert [m.name for m in resolve_methods(["nti", "ddim", "nti"])] == ["nti", "ddim"]
+
+
+def _scene_files(out: Path) -> dict[str, object]:
+    """Every scene's results without their timings, and the bytes of its edits and maps."""
+    files: dict[str, object] = {}
+    for path in sorted((out / "scenes").rglob("*.*")):
+        if path.suffix == ".json":
+            record = json.loads(path.read_text())
+            for result in record["methods"].values():
+                del result["cost"]
+            files[path.name] = record
+        else:
+            files[path.relative_to(out).as_posix()] = path.read_bytes()
+    return files
+
+
+def test_two_workers_give_the_sequential_results(
+    world_model: LoadedModel, world_model_dir: Path, bench_out: Path, tmp_path: Path
+):
+    out, scenes = tmp_path / "parallel", world_split("test", 2)
+    # One thread per worker, as this process has (conftest): the same sums in the same order.
+    with ProcessPool(ModelSpec(str(world_model_dir)), workers=2, threads=1) as pool:
+        runner.run_bench(world_model, scenes, out, METHODS, SETTINGS, progress=False, executor=pool)
+    assert _scene_files(out) == _scene_files(bench_out)
+    per_scene = json.loads((out / "per_scene.json").read_text())
+    assert [s["id"] for s in per_scene] == ["test-000", "test-001"]
+
+
+def test_bad_parallel_options_are_one_line_errors(world_model_dir: Path, capsys):
+    argv = ["bench", "--limit", "1", "--model", str(world_model_dir), "--out", "/nonexistent"]
+    assert cli.main([*argv, "--gpus-per-job", "1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --gpus-per-job needs --ray"
+    assert cli.main([*argv, "--workers", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --workers must be at least 1, got 0"
+
+
+def test_example_jobs_are_the_scenes_word_swaps(world_model: LoadedModel, tmp_path: Path):
+    assert (
+        cli.main(["batch", "--example-jobs", str(tmp_path), "--split", "val", "--limit", "3"]) == 0
+    )
+    settings = BatchSettings(steps=2)
+    jobs = read_jobs(
+        tmp_path / "jobs.jsonl",
+        JobDefaults(method="nti"),
+        lambda job: check_job(world_model, job, settings),
+    )
+    scenes = world_split("val", 3)
+    assert [job.id for job in jobs] == [scene.id for scene in scenes]
+    for job, scene in zip(jobs, scenes, strict=True):
+        assert job.prompt == scene.source and [e.target for e in job.edits] == [scene.target]
+        np.testing.assert_array_equal(np.asarray(Image.open(job.image)), scene.source_image())

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dpl_edit.dpl.losses import DplLossConfig, balancing_loss, disjoint_loss
+from dpl_edit.dpl.losses import DplLossConfig, background_loss, balancing_loss, disjoint_loss
 from dpl_edit.dpl.stage import ORIGINAL_NULL_TEXT, BackgroundSettings
 from dpl_edit.engine.artifact import Inversion
 from dpl_edit.engine.attention import CrossAttentionStore, controlled_attention
@@ -258,6 +258,36 @@ def test_user_mask_and_no_background(tiny_model, tmp_path, caplog):
     assert not caplog.records
     with pytest.raises(DplError, match="contradict"):
         _invert(tiny_model, words=["dog"], no_bg=True, bg_mask=tmp_path / "bg.png")
+    others = dataclasses.replace(FORCED, leak_region="others")
+    with pytest.raises(DplError, match="needs the estimated word clusters"):
+        _invert(tiny_model, words=["dog"], dpl_config=others, bg_mask=tmp_path / "bg.png")
+
+
+def test_leak_region_others_scores_each_word_against_its_own_region(tiny_model):
+    """The first recorded background loss equals the loss recomputed from a separate UNet call
+    with each word's region built from the masks the inversion saved."""
+    config = dataclasses.replace(
+        FORCED, leak_region="others", use_at=False, use_dj=False, max_inner_steps=1
+    )
+    inversion = _invert(tiny_model, words=["cat", "dog"], dpl_config=config)
+    res = tiny_model.defaults.cross_attention_res
+    owned = {
+        w: torch.from_numpy(np.asarray(inversion.extras[f"word-{w}"].resize((res, res))) > 127)
+        for w in ("cat", "dog")
+    }
+    background = inversion.extras.get("background")
+    background = (
+        torch.zeros(res, res, dtype=torch.bool)
+        if background is None
+        else torch.from_numpy(np.asarray(background.resize((res, res))) > 127)
+    )
+    regions = torch.stack([~m if m.any() else background for m in owned.values()])
+    t = Ddim(tiny_model.scheduler, STEPS).timesteps[0]
+    store = CrossAttentionStore([res])
+    with torch.no_grad(), controlled_attention(tiny_model.unet, [store]):
+        tiny_model.predict(inversion.latents[-1:], t, encode_text(tiny_model, [PROMPT]))
+    want = background_loss(store.current(res)[0], [[CAT], [DOG]], regions)
+    assert inversion.extras["dpl_trace"][0]["first"]["bg"] == pytest.approx(float(want), rel=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -300,6 +300,23 @@ class TestBackground:
         assert background_loss(maps, [[1]], None) is None
         assert background_loss(maps, [[1]], torch.zeros(4, 4, dtype=torch.bool)) is None
 
+    def test_per_word_masks_match_numpy(self):
+        """`leak_region` "others": each word's cosine is taken with its own mask."""
+        maps = random_maps(4, 7, seed=9)
+        masks = np.zeros((2, 4, 4), dtype=bool)
+        masks[0, :, :2] = True
+        masks[1, 3, :] = True
+        want = np.mean(
+            [np_cosine(maps[:, :, 1], masks[0]), np_cosine(maps[:, :, 2] + maps[:, :, 4], masks[1])]
+        )
+        got = background_loss(torch.from_numpy(maps), [[1], [2, 4]], torch.from_numpy(masks))
+        assert got.item() == pytest.approx(want, abs=1e-12)
+
+    def test_per_word_masks_must_match_the_words(self):
+        maps = torch.from_numpy(random_maps(4, 6, seed=8))
+        with pytest.raises(ValueError, match="3 word masks for 2 words"):
+            background_loss(maps, [[1], [2]], torch.ones(3, 4, 4, dtype=torch.bool))
+
     def test_mask_at_another_resolution_is_a_bug(self):
         maps = torch.from_numpy(random_maps(4, 6, seed=8))
         with pytest.raises(ValueError):
@@ -390,7 +407,13 @@ class TestEvaluate:
 
     @pytest.mark.parametrize(
         "options",
-        [{"lambda_at": -1.0}, {"alpha_bg": 0.0}, {"softmax_temp": 0.0}, {"at_reduce": "sum"}],
+        [
+            {"lambda_at": -1.0},
+            {"alpha_bg": 0.0},
+            {"softmax_temp": 0.0},
+            {"at_reduce": "sum"},
+            {"leak_region": "objects"},
+        ],
     )
     def test_bad_config_is_a_user_error(self, options):
         with pytest.raises(DplError):

@@ -141,6 +141,18 @@ _TABLE = (
         "paper",
     ),
     BenchMethod(
+        "dpl-others",
+        "dpl",
+        "DPL (model defaults), each word kept off everything outside its own clusters",
+        {"leak_region": "others"},
+    ),
+    BenchMethod(
+        "dpl-others-words",
+        "dpl",
+        "DPL (model defaults), leakage region outside own clusters, word softmax, balancing on",
+        {"leak_region": "others", **_WORDS, "use_at": True},
+    ),
+    BenchMethod(
         "dpl-words-fraction-res8",
         "dpl",
         "paper DPL, word softmax, fraction thresholds, losses on 8x8",

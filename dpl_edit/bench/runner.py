@@ -21,10 +21,8 @@ settings skips them (a file made with other settings is refused, never mixed in)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -37,6 +35,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from dpl_edit.batch.executors import Executor, Sequential
 from dpl_edit.bench.cost import peak_memory
 from dpl_edit.bench.methods import (
     BASELINE,
@@ -54,6 +53,7 @@ from dpl_edit.engine.text import check_prompt, find_word, prompt_tokens
 from dpl_edit.errors import DplError
 from dpl_edit.io.atomic import atomic_write_bytes
 from dpl_edit.io.images import prepare_image, save_png
+from dpl_edit.io.names import safe_stem
 from dpl_edit.metrics import DEFAULT_THRESHOLDS, DEFINITIONS, iou_curve, leakage, psnr, ssim
 from dpl_edit.world import checker
 from dpl_edit.world import synthetic as world
@@ -217,14 +217,6 @@ def method_config(model: LoadedModel, method: BenchMethod) -> dict[str, Any] | N
     return None if config is None else json.loads(json.dumps(asdict(config)))
 
 
-def scene_stem(scene_id: str) -> str:
-    """A file name for a scene id: the id itself when safe, else a cleaned id plus its hash."""
-    clean = re.sub(r"[^A-Za-z0-9._-]", "_", scene_id)
-    if clean == scene_id and not scene_id.startswith("."):
-        return scene_id
-    return f"{clean.lstrip('.')}-{hashlib.sha256(scene_id.encode()).hexdigest()[:8]}"
-
-
 class SceneStore:
     """The per-scene files of one output folder: results JSON, edit PNGs, attention maps."""
 
@@ -233,10 +225,10 @@ class SceneStore:
         self.settings = settings
 
     def _json(self, scene_id: str) -> Path:
-        return self.root / f"{scene_stem(scene_id)}.json"
+        return self.root / f"{safe_stem(scene_id)}.json"
 
     def _artifact(self, scene_id: str, method: str, suffix: str) -> Path:
-        return self.root / scene_stem(scene_id) / f"{method}{suffix}"
+        return self.root / safe_stem(scene_id) / f"{method}{suffix}"
 
     def load(self, scene_id: str) -> dict[str, Any]:
         """The scene's finished methods (empty if none); refuses results of other settings."""
@@ -301,6 +293,24 @@ def _preamble(
     return lines + [f"- `{m.name}`: {m.description}" for m in methods]
 
 
+@dataclass(frozen=True)
+class SceneTask:
+    """The methods a scene still needs (what one worker runs, on the scene as the model sees it)."""
+
+    scene: BenchScene
+    methods: tuple[BenchMethod, ...]
+    settings: BenchSettings
+
+
+def run_scene(model: LoadedModel, task: SceneTask) -> list[tuple[str, MethodRun]]:
+    """Every method the task names on its scene (the executors' work function).
+
+    Each method seeds itself (`run_method`), so a scene's results are the same whichever
+    worker runs it and whatever ran before."""
+    prepared = prepare_scene(task.scene, model.resolution)
+    return [(m.name, run_method(model, m, prepared, task.settings)) for m in task.methods]
+
+
 def run_bench(
     model: LoadedModel,
     scenes: Sequence[BenchScene],
@@ -310,12 +320,16 @@ def run_bench(
     scene_set: str = "scene list",
     examples: int = 4,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> dict:
     """Benchmark `methods` on `scenes`, resuming from `out_dir`; return the aggregate.
 
     `scene_set` describes the scenes in the report (e.g. "world test split, first 20").
+    `executor` runs the scenes (default: this process, on `model`); results are written here as
+    each scene finishes, so the files are the same however the scenes were spread.
     """
     settings = settings or BenchSettings()
+    executor = executor or Sequential(model)
     chosen = resolve_methods(methods)
     if not scenes:
         raise DplError("no scenes to run")
@@ -329,26 +343,38 @@ def run_bench(
     store = SceneStore(out_dir, {**asdict(settings), "model": model.identity})
     names = [m.name for m in chosen]
     configs = {m.name: method_config(model, m) for m in chosen}
-    per_scene, prepared_examples = [], []
-    for scene in tqdm(scenes, desc="bench", unit="scene", disable=not progress):
-        prepared = prepare_scene(scene, model.resolution)
+    tasks = []
+    for scene in scenes:
         record = store.load(scene.id)
-        stored = record.setdefault("configs", {})
-        for method in chosen:
-            name = method.name
-            if name not in record["methods"] or stored.get(name) != configs[name]:
-                # New, or made under other DPL settings (e.g. changed model defaults): redo.
-                stored[name] = configs[name]
-                store.save(record, name, run_method(model, method, prepared, settings))
-        methods_run = {n: record["methods"][n] for n in names}
+        stored = record.get("configs", {})
+        # New, or made under other DPL settings (e.g. changed model defaults): redo.
+        todo = tuple(
+            m
+            for m in chosen
+            if m.name not in record["methods"] or stored.get(m.name) != configs[m.name]
+        )
+        if todo:
+            tasks.append(SceneTask(scene, todo, settings))
+    bar = tqdm(total=len(tasks), desc="bench", unit="scene", disable=not progress)
+    for index, runs in executor.map(run_scene, tasks):
+        record = store.load(tasks[index].scene.id)
+        for name, run in runs:
+            record.setdefault("configs", {})[name] = configs[name]
+            store.save(record, name, run)
+        bar.update()
+    bar.close()
+    per_scene = []
+    for scene in scenes:
+        methods_run = {n: store.load(scene.id)["methods"][n] for n in names}
         per_scene.append({"id": scene.id, "category": scene.category, "methods": methods_run})
-        if len(prepared_examples) < examples:
-            prepared_examples.append(prepared)
     return write_report(
         out_dir,
         per_scene,
         baseline=BASELINE if BASELINE in names and len(names) > 1 else None,
         title="Leakage benchmark",
         preamble=_preamble(model, chosen, settings, scene_set),
-        examples=[_example_row(store, s, names) for s in prepared_examples],
+        examples=[
+            _example_row(store, prepare_scene(s, model.resolution), names)
+            for s in scenes[:examples]
+        ],
     )

@@ -18,7 +18,6 @@ work and antialiased edges split evenly. Every problem is a `DplError` naming fi
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from dpl_edit.errors import DplError
+from dpl_edit.io.jsonl import jsonl_lines, parse_line
 
 ImageSource = Path | np.ndarray
 _REQUIRED_KEYS = ("id", "image", "source", "target", "masks", "edited_object")
@@ -192,23 +192,11 @@ def _parse_record(record: object, base: Path) -> BenchScene:
 def load_jsonl(path: str | Path) -> list[BenchScene]:
     """Read an external scene list; errors name the file and the 1-based line."""
     path = Path(path)
-    if not path.is_file():
-        raise DplError(f"scene list {path} not found")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise DplError(f"scene list {path} is not UTF-8 text") from None
     scenes: list[BenchScene] = []
     seen: set[str] = set()
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for lineno, line in jsonl_lines(path, "scene list"):
         try:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DplError(f"bad JSON ({e.msg} at column {e.colno})") from None
-            scene = _parse_record(record, path.parent)
+            scene = _parse_record(parse_line(line), path.parent)
             if scene.id in seen:
                 raise DplError(f"duplicate id '{scene.id}'")
         except DplError as e:

@@ -136,3 +136,25 @@ def export_world(
     path = folder / f"{split}.jsonl"
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
     return path
+
+
+def export_jobs(
+    folder: str | Path,
+    split: str = "val",
+    limit: int | None = 20,
+) -> Path:
+    """Write a split's scenes as a `dpl batch` job file, `<folder>/jobs.jsonl`, with their PNGs.
+
+    One job a scene: its caption as the prompt and its word swap as the one edit, so a batch
+    timing on it is reproducible with nothing but the package. Written last and atomically, as
+    `export_world`'s file.
+    """
+    folder = Path(folder)
+    lines = []
+    for scene in world_split(split, limit):
+        image = _save(folder, Path(scene.id) / "image.png", scene.source_image())
+        job = {"id": scene.id, "image": image, "prompt": scene.source}
+        lines.append(json.dumps({**job, "edits": [{"target": scene.target}]}))
+    path = folder / "jobs.jsonl"
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    return path

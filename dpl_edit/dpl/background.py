@@ -146,6 +146,21 @@ def estimate_background(
     )
 
 
+def leak_regions(estimate: BackgroundEstimate) -> torch.Tensor | None:
+    """Per word, the region its map should stay out of under `leak_region` "others": [words, r, r].
+
+    That is every pixel outside the word's own clusters (the background and the other words'
+    objects). A word that claimed no cluster has no known region of its own, so it keeps the
+    plain background. None when no word has anything to stay out of.
+    """
+    background = estimate.background
+    if background is None:
+        background = torch.zeros_like(estimate.clusters, dtype=torch.bool)
+    owned = [estimate.word_masks[word] for word in estimate.words]
+    regions = torch.stack([~own if bool(own.any()) else background for own in owned])
+    return regions if bool(regions.any()) else None
+
+
 def background_mask_at(
     mask: torch.Tensor, res: int, mode: MaskResample = "majority"
 ) -> torch.Tensor:

@@ -34,6 +34,10 @@ position but the first and the last (the authors' code), "words" the prompt's ow
 ThresholdIndex = Literal["step", "fraction"]
 """How Eq. 10's thresholds are indexed: by the step number, or by the fraction of the schedule
 done, mapped onto a `schedule_steps`-step run (so that 10 steps follow the 50-step schedule)."""
+LeakRegion = Literal["background", "others"]
+"""Where the background-leakage loss keeps a word's map off: the estimated background (the
+paper), or everything the word's own K-means clusters do not cover, i.e. the background *and*
+the other words' objects, which stops two words' maps from swapping objects."""
 
 _NORM_EPS = 1e-8
 """Floor for vector norms in cosines, so an all-zero map gives cosine 0 instead of NaN."""
@@ -168,20 +172,24 @@ def background_loss(
 ) -> torch.Tensor | None:
     """Background-leakage loss L_bg: mean over words of cosine(raw word map, background mask).
 
-    `bg_mask` is a bool [res, res] map at the maps' resolution (True = background). Returns
-    None when there is no background to leak into (no mask, or an empty one): the loss is then
-    undefined rather than 0, and the caller decides how to report skipping it.
+    `bg_mask` is a bool [res, res] map at the maps' resolution (True = background), or one such
+    map per word [words, res, res] when each word has its own region to stay out of
+    (`leak_region` "others"). Returns None when there is nothing to leak into (no mask, or only
+    empty ones): the loss is then undefined rather than 0, and the caller decides how to report
+    skipping it.
     """
     if bg_mask is None or not bool(bg_mask.any()):
         return None
     maps = _as_float(maps)
-    if tuple(bg_mask.shape) != tuple(maps.shape[:2]):
+    if tuple(bg_mask.shape[-2:]) != tuple(maps.shape[:2]):
         raise ValueError(
             f"background mask {tuple(bg_mask.shape)} does not match maps {tuple(maps.shape[:2])}"
         )
     unit_words = _unit_rows(word_maps(maps, word_token_groups).flatten(1))
-    unit_mask = _unit_rows(bg_mask.reshape(1, -1).to(unit_words))
-    return (unit_words @ unit_mask.T).mean()
+    if bg_mask.ndim == 3 and bg_mask.shape[0] != unit_words.shape[0]:
+        raise ValueError(f"{bg_mask.shape[0]} word masks for {unit_words.shape[0]} words")
+    unit_masks = _unit_rows(bg_mask.reshape(-1, unit_words.shape[1]).to(unit_words))
+    return (unit_words * unit_masks).sum(dim=1).mean()
 
 
 @dataclass(frozen=True)
@@ -220,6 +228,7 @@ class DplLossConfig:
     """Attention level(s) the losses read, as side lengths; empty = the model's cross-attention
     level (the one maps are reported at). With several, each loss is the mean over levels."""
     threshold_index: ThresholdIndex = "step"
+    leak_region: LeakRegion = "background"
     schedule_steps: int = 50
     """The run length the thresholds' alphas were tuned for, used by `threshold_index`
     "fraction"."""
@@ -247,6 +256,8 @@ class DplLossConfig:
             raise DplError(
                 f"unknown threshold index {self.threshold_index!r}; use step or fraction"
             )
+        if self.leak_region not in ("background", "others"):
+            raise DplError(f"unknown leakage region {self.leak_region!r}; use background or others")
         if self.schedule_steps < 1:
             raise DplError(f"schedule_steps must be >= 1, got {self.schedule_steps}")
         if any(int(res) < 1 for res in self.loss_res):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from dpl_edit.dpl.background import (
     MaskResample,
     background_mask_at,
     estimate_background,
+    leak_regions,
     load_mask_png,
     mask_image,
     mask_images,
@@ -37,9 +39,12 @@ from dpl_edit.dpl.losses import DplLossConfig, LossReport, evaluate_losses
 from dpl_edit.engine.attention import (
     AttentionController,
     CrossAttentionStore,
+    ForwardStopped,
     SelfAttentionStore,
+    StopAfter,
     attention_layers,
     controlled_attention,
+    last_layer,
 )
 from dpl_edit.engine.model import LoadedModel
 from dpl_edit.engine.settings import NullTextSettings
@@ -222,20 +227,26 @@ class TokenStage:
         )
 
     def losses(self, vectors: torch.Tensor, step: int, t: int, latent: torch.Tensor) -> LossReport:
-        """DPL's losses for `vectors` on `latent` at `step`, differentiable w.r.t. `vectors`."""
+        """DPL's losses for `vectors` on `latent` at `step`, differentiable w.r.t. `vectors`.
+
+        The UNet call stops after the last layer the losses read (`StopAfter`): the losses need
+        no noise prediction, and the layers after it change neither the maps nor their gradients.
+        """
         store = CrossAttentionStore(self.levels, grad=True)
-        with controlled_attention(self.model.unet, [store]):
+        stop = StopAfter(last_layer(self.model.unet, store))
+        with controlled_attention(self.model.unet, [store, stop]), suppress(ForwardStopped):
             self.model.predict(latent, t, self.conditioning(vectors))
-        maps = [store.current(res)[0] for res in self.levels]
-        return evaluate_losses(
-            maps,
-            self.groups,
-            self.bg_masks,
-            step,
-            self.config,
-            total_steps=self.total_steps,
-            n_prompt_tokens=self.n_prompt_tokens,
-        )
+        with torch.profiler.record_function("dpl_losses"):
+            maps = [store.current(res)[0] for res in self.levels]
+            return evaluate_losses(
+                maps,
+                self.groups,
+                self.bg_masks,
+                step,
+                self.config,
+                total_steps=self.total_steps,
+                n_prompt_tokens=self.n_prompt_tokens,
+            )
 
     def __call__(self, step: int, t: int, latent: torch.Tensor) -> torch.Tensor:
         start, evals_before = time.perf_counter(), self.model.unet_evals
@@ -331,6 +342,11 @@ class DplPlan:
         if no_bg:
             config = replace(config, use_bg=False)
         wants_bg = config.use_bg and config.lambda_bg > 0
+        if wants_bg and bg_mask is not None and config.leak_region == "others":
+            raise DplError(
+                "the leakage region 'others' needs the estimated word clusters; it cannot be "
+                "used with a background mask file"
+            )
         user_mask, self_store, source = None, None, "off"
         if wants_bg and bg_mask is not None:
             user_mask = load_mask_png(bg_mask, max(levels), background.resample)
@@ -363,6 +379,8 @@ class DplPlan:
             if estimate.background is None:
                 self.bg_source = "estimated: none found"
             background = estimate.background
+            if self.config.leak_region == "others":
+                background = leak_regions(estimate)
         masks = [
             None if background is None else self._at_resolution(background, res) for res in levels
         ]
@@ -385,7 +403,10 @@ class DplPlan:
         )
 
     def _at_resolution(self, mask: torch.Tensor, res: int) -> torch.Tensor:
-        """`mask` brought to a loss level, with the configured resampling."""
+        """`mask` [h, w] or per-word masks [words, h, w] brought to a loss level, with the
+        configured resampling."""
+        if mask.ndim == 3:
+            return torch.stack([self._at_resolution(word_mask, res) for word_mask in mask])
         return background_mask_at(mask, res, self.background.resample)
 
     def settings(self) -> dict[str, Any]:

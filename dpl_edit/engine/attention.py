@@ -103,6 +103,42 @@ class ControllerChain:
             controller.end_step()
 
 
+class ForwardStopped(Exception):
+    """Raised by `StopAfter` to end a UNet call early; whoever made the call catches it."""
+
+
+class StopAfter(AttentionController):
+    """Ends the UNet call as soon as layer `name` has computed its attention.
+
+    For passes that only need attention maps (DPL's token updates): nothing that runs after the
+    last recorded layer can change its maps or their gradients, so skipping it saves work
+    without changing a result. Put it after the recorders in the chain so they see the layer
+    first. In Stable Diffusion, stopping after the last 16x16 layer skips the 32x32 and 64x64
+    up blocks, the most expensive part of the UNet.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def wants(self, layer: AttnLayer) -> bool:
+        return layer.name == self.name
+
+    def __call__(self, probs: torch.Tensor, layer: AttnLayer) -> torch.Tensor:
+        raise ForwardStopped(layer.name)
+
+
+def last_layer(unet: UNet2DConditionModel, controller: AttentionController) -> str:
+    """The name of the last attention layer, in execution order, that `controller` wants.
+
+    Module registration order is execution order for a UNet2DConditionModel's attention layers
+    (down blocks, mid block, up blocks; each block's layers in order).
+    """
+    names = [name for name, layer in attention_layers(unet).items() if controller.wants(layer)]
+    if not names:
+        raise ValueError("the controller wants no attention layer of this UNet")
+    return names[-1]
+
+
 class ControlledAttnProcessor:
     """Standard attention with explicit probabilities routed through a controller chain."""
 
@@ -139,7 +175,9 @@ class ControlledAttnProcessor:
         value = attn.head_to_batch_dim(attn.to_v(context))
         probs = attn.get_attention_scores(query, key, attention_mask)
         probs = probs.view(batch, attn.heads, *probs.shape[1:])
-        probs = self.chain(probs, self.layer).reshape(batch * attn.heads, *probs.shape[2:])
+        with torch.profiler.record_function("attention_controllers"):
+            probs = self.chain(probs, self.layer)
+        probs = probs.reshape(batch * attn.heads, *probs.shape[2:])
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs.to(value.dtype), value))
 
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))

@@ -149,6 +149,53 @@ def _blend(
     )
 
 
+@dataclass(frozen=True)
+class EditPlan:
+    """The attention controllers of one edit: what `edit` hooks into the UNet."""
+
+    store: CrossAttentionStore
+    controller: AttentionEdit
+    local_blend: LocalBlend | None
+
+
+def plan_edit(
+    model: LoadedModel,
+    source: str,
+    target: str,
+    steps: int,
+    mode: str = EditSettings.mode,
+    reweight: Mapping[str, float] | None = None,
+    blend: Sequence[str] | None = None,
+    cross_replace_steps: Window | Mapping[str, Window] = EditSettings.cross_replace_steps,
+    self_replace_steps: Window = EditSettings.self_replace_steps,
+    self_replace_max_res: int | None = None,
+    blend_threshold: float = EditSettings.blend_threshold,
+    blend_start: float = EditSettings.blend_start,
+) -> EditPlan:
+    """Check an edit of `source` into `target` and build its controllers, before any UNet work.
+
+    `edit` runs it first; a batch runs it for every edit of every job before the first job, so
+    a bad edit is refused up front with exactly the error `edit` would give.
+    """
+    check_prompt(model, target)
+    windows = {
+        "cross_alpha": cross_replace_alpha(
+            cross_replace_steps, target, model.tokenizer, steps, model.text_len
+        ),
+        "self_steps": _window_steps(self_replace_steps, steps),
+        "self_max_res": self_replace_max_res or model.latent_size // 2,
+    }
+    controller = _build_controller(model, source, target, mode, reweight or {}, windows)
+    resolutions = [model.defaults.cross_attention_res, model.defaults.blend_res]
+    store = CrossAttentionStore(resolutions, rows=[2, 3])
+    local_blend = None
+    if blend:
+        local_blend = _blend(
+            model, store, source, target, blend, steps, blend_start, blend_threshold
+        )
+    return EditPlan(store, controller, local_blend)
+
+
 @torch.no_grad()
 def edit(
     model: LoadedModel,
@@ -179,25 +226,24 @@ def edit(
         )
     source, steps = inversion.prompt, inversion.steps
     guidance = inversion.guidance if guidance is None else guidance
-    check_prompt(model, target)
     start_time, evals_before = time.perf_counter(), model.unet_evals
-    windows = {
-        "cross_alpha": cross_replace_alpha(
-            cross_replace_steps, target, model.tokenizer, steps, model.text_len
-        ),
-        "self_steps": _window_steps(self_replace_steps, steps),
-        "self_max_res": self_replace_max_res or model.latent_size // 2,
-    }
-    controller = _build_controller(model, source, target, mode, reweight or {}, windows)
-    resolutions = [model.defaults.cross_attention_res, model.defaults.blend_res]
-    store = CrossAttentionStore(resolutions, rows=[2, 3])
-    local_blend = None
-    if blend:
-        local_blend = _blend(
-            model, store, source, target, blend, steps, blend_start, blend_threshold
-        )
+    plan = plan_edit(
+        model,
+        source,
+        target,
+        steps,
+        mode,
+        reweight,
+        blend,
+        cross_replace_steps,
+        self_replace_steps,
+        self_replace_max_res,
+        blend_threshold,
+        blend_start,
+    )
+    store, local_blend = plan.store, plan.local_blend
     # The store comes first so it records each branch's own maps, before the edit rewrites them.
-    controllers: list[AttentionController] = [store, controller]
+    controllers: list[AttentionController] = [store, plan.controller]
 
     ddim = Ddim(model.scheduler, steps)
     latents = inversion.latents[-1:].to(model.device, model.dtype).expand(2, -1, -1, -1)

@@ -30,6 +30,37 @@ from dpl_edit.errors import DplError
 from dpl_edit.io.images import image_to_tensor, load_image, prepare_image
 
 
+def plan_inversion(
+    model: LoadedModel,
+    prompt: str,
+    method: str = InversionSettings.method,
+    steps: int = InversionSettings.steps,
+    words: Sequence[str] | None = None,
+    dpl_config: DplLossConfig | None = None,
+    background: BackgroundSettings | None = None,
+    bg_mask: str | Path | None = None,
+    no_bg: bool = False,
+) -> DplPlan | None:
+    """Every check `invert` makes before any work, and DPL's plan (None for other methods).
+
+    Separate from `invert` so that a batch can refuse a bad job before the first one runs,
+    with exactly the errors `invert` would give.
+    """
+    if method not in METHODS:
+        raise DplError(f"unknown inversion method '{method}' (use {', '.join(METHODS)})")
+    if steps < 1:
+        raise DplError("the number of steps must be at least 1")
+    dpl_options = words or dpl_config or background or bg_mask is not None or no_bg
+    if method != "dpl" and dpl_options:
+        raise DplError(f"words and background options need method 'dpl', not '{method}'")
+    if not prompt.strip():  # nothing to edit later: P2P edits the prompt's words
+        raise DplError("the prompt is empty; describe the image in words")
+    check_prompt(model, prompt)  # a prompt the model cannot take is the first thing to report
+    if method != "dpl":
+        return None
+    return DplPlan.create(model, prompt, words, dpl_config, background, bg_mask, no_bg)
+
+
 def invert(
     model: LoadedModel,
     image: Image.Image | str | Path,
@@ -53,20 +84,10 @@ def invert(
     losses and optimiser, `background` how the background mask is estimated, `bg_mask` a user's
     mask file (white = background) instead, and `no_bg` turns the background loss off.
     """
-    if method not in METHODS:
-        raise DplError(f"unknown inversion method '{method}' (use {', '.join(METHODS)})")
-    if steps < 1:
-        raise DplError("the number of steps must be at least 1")
-    dpl_options = words or dpl_config or background or bg_mask is not None or no_bg
-    if method != "dpl" and dpl_options:
-        raise DplError(f"words and background options need method 'dpl', not '{method}'")
+    plan = plan_inversion(
+        model, prompt, method, steps, words, dpl_config, background, bg_mask, no_bg
+    )
     null_text = null_text or NullTextSettings()
-    if not prompt.strip():  # nothing to edit later: P2P edits the prompt's words
-        raise DplError("the prompt is empty; describe the image in words")
-    check_prompt(model, prompt)  # a prompt the model cannot take is the first thing to report
-    plan = None
-    if method == "dpl":
-        plan = DplPlan.create(model, prompt, words, dpl_config, background, bg_mask, no_bg)
     if isinstance(image, Image.Image):
         image = prepare_image(image, model.resolution, resize)
     else:

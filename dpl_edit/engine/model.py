@@ -86,9 +86,13 @@ class LoadedModel:
         return int(self.tokenizer.model_max_length)
 
     def predict(self, latents: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
-        """One UNet call (raw output: epsilon or v), counted so stages can report their cost."""
+        """One UNet call (raw output: epsilon or v), counted so stages can report their cost.
+
+        Labelled for torch's profiler (`dpl_edit.bench.speed`); the label costs nothing when no
+        profiler runs."""
         self.unet_evals += 1
-        return self.unet(latents, t, encoder_hidden_states=context).sample
+        with torch.profiler.record_function("unet_forward"):
+            return self.unet(latents, t, encoder_hidden_states=context).sample
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -150,7 +150,11 @@ def encode_text(
         if not (0 <= index < len(prompts) and 0 < position < ids.shape[1]):
             raise ValueError(f"token slot ({index}, {position}) is outside the prompts")
     needs_grad = any(v.requires_grad for v in (token_vectors or {}).values())
-    with torch.set_grad_enabled(needs_grad), _overridden_token_embeddings(model, token_vectors):
+    with (
+        torch.set_grad_enabled(needs_grad),
+        _overridden_token_embeddings(model, token_vectors),
+        torch.profiler.record_function("text_encode"),
+    ):
         return model.text_encoder(ids)[0]
 
 

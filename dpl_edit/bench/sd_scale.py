@@ -1,0 +1,297 @@
+"""What an inversion costs at Stable Diffusion scale, measured without SD's weights.
+
+Runtime depends on shapes, not on weight values, so a randomly initialised UNet, VAE and text
+encoder built from Stable Diffusion 1.5's configuration cost what the real ones cost. This
+module times the units an inversion is made of at 512x512 (a UNet pass without gradient, a
+null-text step, a DPL token step with and without stopping after the last loss layer, VAE
+encode and decode), then multiplies them by the UNet-pass counts of a real inversion (a saved
+inversion folder, e.g. one 50-step DPL run on the bundled model) to estimate seconds per image
+for NTI and DPL, and records the peak memory of one token step and one null-text step.
+
+    python -m dpl_edit.bench.sd_scale --inversion runs/val-000.inv --device cuda --dtype float16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from dpl_edit.bench.cost import peak_memory
+from dpl_edit.dpl.losses import DplLossConfig, evaluate_losses
+from dpl_edit.engine.artifact import Inversion
+from dpl_edit.engine.attention import (
+    CrossAttentionStore,
+    ForwardStopped,
+    StopAfter,
+    controlled_attention,
+    last_layer,
+)
+from dpl_edit.engine.ddim import Ddim
+from dpl_edit.engine.model import resolve_device
+from dpl_edit.errors import DplError
+from dpl_edit.io.atomic import atomic_write_bytes
+
+SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+"""Stable Diffusion 1.5's UNet configuration (the fields that differ from diffusers' defaults)."""
+SD15_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 2,
+    "sample_size": 512,
+}
+SD15_TEXT = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+}
+SD15 = {"unet": SD15_UNET, "vae": SD15_VAE, "text": SD15_TEXT}
+"""The three configurations; tests pass smaller ones of the same kinds."""
+WORDS = [[2], [5]]
+"""Two one-token nouns, as in "a cat and a dog": what the DPL losses score."""
+
+
+@dataclass
+class UnitCosts:
+    """Seconds per unit (median of the repeats) and peak memory of the two optimisation steps."""
+
+    device: str
+    dtype: str
+    unet_forward: float
+    null_text_step: float
+    token_step_full: float
+    token_step_stopped: float
+    vae_encode: float
+    vae_decode: float
+    text_encode: float
+    null_text_peak_mb: float
+    token_step_peak_mb: float
+
+
+@dataclass
+class PassCounts:
+    """UNet passes of one inversion by kind, read from its folder's `inversion.json`."""
+
+    steps: int
+    no_grad: int
+    null_text_steps: int
+    token_updates: int
+    token_checks: int
+
+    @classmethod
+    def from_inversion(cls, folder: Path) -> PassCounts:
+        """DDIM inversion and each null-text step's two plain passes are gradient-free; the
+        token stage evaluates its losses once per update, plus once more at a step where they
+        fell under their thresholds."""
+        inversion = Inversion.load(folder)
+        steps = inversion.steps
+        trace = inversion.extras.get("dpl_trace") or []
+        updates = sum(int(step["inner_steps"]) for step in trace)
+        return cls(
+            steps=steps,
+            no_grad=steps + 2 * steps,
+            null_text_steps=sum(int(n) for n in inversion.extras.get("null_inner_steps") or []),
+            token_updates=updates,
+            token_checks=updates + sum(bool(step["stopped_early"]) for step in trace),
+        )
+
+
+def build_models(device: torch.device, dtype: torch.dtype, configs: dict = SD15, seed: int = 0):
+    """A randomly initialised UNet, VAE and text encoder of `configs`' shapes, frozen."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**configs["unet"])
+    vae = AutoencoderKL(**configs["vae"])
+    text = CLIPTextModel(CLIPTextConfig(**configs["text"]))
+    for module in (unet, vae, text):
+        module.requires_grad_(False).eval().to(device, dtype)
+    return unet, vae, text
+
+
+def _timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median seconds of `fn` over `repeats` calls, after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_units(
+    device: torch.device, dtype: torch.dtype, repeats: int, configs: dict = SD15
+) -> UnitCosts:
+    """Time every unit once the models are built; optimised tensors are kept in float32.
+
+    The losses read the level at a quarter of the latent size (SD's 16x16), as DPL does.
+    """
+    unet, vae, text = build_models(device, dtype, configs)
+    ddim = Ddim(DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False), 50)
+    t = int(ddim.timesteps[10])
+    latent_size, image_size = configs["unet"]["sample_size"], configs["vae"]["sample_size"]
+    level = latent_size // 4
+    text_len = configs["text"]["max_position_embeddings"]
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, 4, latent_size, latent_size, generator=g).to(device, dtype)
+    target = torch.randn(1, 4, latent_size, latent_size, generator=g).to(device, dtype)
+    ids = torch.randint(0, configs["text"]["vocab_size"], (1, text_len), generator=g).to(device)
+    image = torch.rand(1, 3, image_size, image_size, generator=g).to(device, dtype) * 2 - 1
+    with torch.no_grad():
+        context = text(ids)[0]
+        cond_output = unet(latent, t, encoder_hidden_states=context).sample
+    config = DplLossConfig(use_thresholds=False, loss_res=(level,))
+
+    @torch.no_grad()
+    def forward() -> None:
+        unet(latent, t, encoder_hidden_states=context)
+
+    def null_step() -> None:
+        null = context.detach().float().requires_grad_(True)
+        uncond = unet(latent, t, encoder_hidden_states=null.to(dtype)).sample
+        step = ddim.guided_step(uncond.float(), cond_output.float(), 7.5, t, latent.float())
+        F.mse_loss(step, target.float()).backward()
+
+    def token_step(stop: bool) -> None:
+        words = context.detach().float().requires_grad_(True)
+        store = CrossAttentionStore([level], grad=True)
+        controllers = [store, StopAfter(last_layer(unet, store))] if stop else [store]
+        with controlled_attention(unet, controllers), suppress(ForwardStopped):
+            unet(latent, t, encoder_hidden_states=words.to(dtype))
+        maps = store.current(level)[0]
+        report = evaluate_losses([maps], WORDS, [None], 10, config, 50, n_prompt_tokens=6)
+        report.total.backward()
+
+    with torch.no_grad():
+        encode = _timed(lambda: vae.encode(image), repeats, device)
+        decode = _timed(lambda: vae.decode(latent), repeats, device)
+        text_time = _timed(lambda: text(ids), repeats, device)
+    with peak_memory(device) as null_peak:
+        null_step()
+    with peak_memory(device) as token_peak:
+        token_step(stop=True)
+    return UnitCosts(
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        unet_forward=_timed(forward, repeats, device),
+        null_text_step=_timed(null_step, repeats, device),
+        token_step_full=_timed(lambda: token_step(False), repeats, device),
+        token_step_stopped=_timed(lambda: token_step(True), repeats, device),
+        vae_encode=encode,
+        vae_decode=decode,
+        text_encode=text_time,
+        null_text_peak_mb=null_peak["peak_memory_mb"],
+        token_step_peak_mb=token_peak["peak_memory_mb"],
+    )
+
+
+def estimate(units: UnitCosts, counts: PassCounts) -> dict[str, float]:
+    """Seconds per image for NTI and DPL from the unit costs and an inversion's pass counts.
+
+    NTI is everything but the token stage; the token stage's checks without an update are
+    priced as full token steps (their backward is skipped, so this is an upper bound).
+    """
+    shared = units.vae_encode + units.vae_decode + 2 * units.text_encode
+    nti = (
+        shared + counts.no_grad * units.unet_forward + counts.null_text_steps * units.null_text_step
+    )
+    tokens = counts.token_checks * units.token_step_stopped
+    return {"nti_seconds": nti, "dpl_seconds": nti + tokens, "dpl_token_seconds": tokens}
+
+
+def report(units: UnitCosts, counts: PassCounts | None) -> str:
+    """A Markdown table of the unit costs and, given pass counts, the per-image estimate."""
+    lines = [
+        f"SD 1.5-shaped models (random weights), 512x512, {units.device}, {units.dtype}",
+        "",
+        "| unit | seconds |",
+        "|---|---|",
+    ]
+    for name in (
+        "unet_forward",
+        "null_text_step",
+        "token_step_full",
+        "token_step_stopped",
+        "vae_encode",
+        "vae_decode",
+        "text_encode",
+    ):
+        lines.append(f"| {name} | {getattr(units, name):.3f} |")
+    lines += [
+        "",
+        f"Peak memory: null-text step {units.null_text_peak_mb:.0f} MB, DPL token step "
+        f"{units.token_step_peak_mb:.0f} MB (GPU: allocated tensors; CPU: process RSS).",
+    ]
+    if counts is not None:
+        cost = estimate(units, counts)
+        lines += [
+            "",
+            f"Pass counts ({counts.steps} steps): {counts.no_grad} passes without gradient, "
+            f"{counts.null_text_steps} null-text steps, {counts.token_checks} token-loss "
+            f"evaluations ({counts.token_updates} updates).",
+            f"Estimate per image: NTI {cost['nti_seconds']:.1f} s, DPL {cost['dpl_seconds']:.1f} s"
+            f" (token stage {cost['dpl_token_seconds']:.1f} s).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dpl_edit.bench.sd_scale", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--inversion", type=Path, help="a saved inversion folder for pass counts")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per unit")
+    parser.add_argument("--out", type=Path, help="also write the result as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        if args.repeats < 1:
+            raise DplError("--repeats must be at least 1")
+        counts = None if args.inversion is None else PassCounts.from_inversion(args.inversion)
+        units = measure_units(resolve_device(args.device), getattr(torch, args.dtype), args.repeats)
+    except DplError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(report(units, counts), end="")
+    if args.out is not None:
+        record = {"units": asdict(units), "counts": None if counts is None else asdict(counts)}
+        if counts is not None:
+            record["estimate"] = estimate(units, counts)
+        atomic_write_bytes(args.out, (json.dumps(record, indent=2) + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

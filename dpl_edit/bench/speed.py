@@ -1,0 +1,229 @@
+"""The speed benchmark: what a user waits for, measured side by side in one run, and why.
+
+On one built-in scene: loading the model, a first call (warm-up), NTI inversion, DPL inversion
+(the model's DPL defaults), an edit from a saved DPL inversion, and `dpl run` end to end in a
+fresh process, each with its UNet passes. Then one more DPL inversion under torch's profiler,
+split into UNet forward passes (with the attention hooks inside them shown apart), backward
+passes, optimiser steps, DPL's loss code, text encoding and the rest (Python, DDIM updates,
+K-means), so the next person knows where the time goes.
+
+    python -m dpl_edit.bench.speed --steps 50 --out docs/bench/speed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.profiler import ProfilerActivity, profile
+
+from dpl_edit.bench.scenes import load_rgb
+from dpl_edit.bench.world_set import world_scene
+from dpl_edit.dpl.losses import DplLossConfig
+from dpl_edit.engine.artifact import Inversion
+from dpl_edit.engine.edit import edit
+from dpl_edit.engine.inversion import invert, reconstruct
+from dpl_edit.engine.model import LoadedModel, load_model
+from dpl_edit.errors import DplError
+from dpl_edit.io.atomic import atomic_write_bytes
+from dpl_edit.metrics import psnr
+
+PROFILE_LABELS = {
+    "unet forward": "unet_forward",
+    "attention hooks (inside forward)": "attention_controllers",
+    "DPL losses": "dpl_losses",
+    "text encoding": "text_encode",
+}
+"""Report rows -> the `torch.profiler.record_function` labels the engine sets."""
+
+
+@dataclass
+class Timing:
+    """One measured operation: wall seconds and UNet passes (None where not counted)."""
+
+    name: str
+    seconds: float
+    unet_evals: int | None = None
+    note: str = ""
+
+
+def _scene_image(split: str, index: int) -> tuple[Image.Image, str, str]:
+    scene = world_scene(split, index)
+    return Image.fromarray(load_rgb(scene.image)), scene.source, scene.target
+
+
+def _timed_inversion(
+    model: LoadedModel, image: Image.Image, prompt: str, method: str, steps: int
+) -> tuple[Inversion, Timing]:
+    start = time.perf_counter()
+    inversion = invert(model, image, prompt, method=method, steps=steps, progress=False)
+    seconds = time.perf_counter() - start
+    _, rebuilt = reconstruct(model, inversion)
+    quality = psnr(np.asarray(inversion.image), np.asarray(rebuilt))
+    evals = sum(inversion.unet_evals.values())
+    return inversion, Timing(
+        f"{method.upper()} inversion", seconds, evals, f"PSNR {quality:.1f} dB"
+    )
+
+
+def _dpl_run(image: Image.Image, prompt: str, target: str, steps: int, folder: Path) -> Timing:
+    """`dpl run` in a fresh process: what a user of the command waits for."""
+    image.save(folder / "scene.png")
+    command = [
+        sys.executable, "-m", "dpl_edit.cli", "run", str(folder / "scene.png"), prompt, target,
+        "--out", str(folder / "edit.png"), "--steps", str(steps), "--json",
+    ]  # fmt: skip
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise DplError(f"dpl run failed: {done.stderr.strip().splitlines()[-1]}")
+    return Timing("`dpl run` end to end (new process)", seconds, note="load + DPL + edit + files")
+
+
+def profile_inversion(
+    model: LoadedModel,
+    image: Image.Image,
+    prompt: str,
+    steps: int,
+    words: Sequence[str] | None = None,
+    dpl_config: DplLossConfig | None = None,
+) -> dict[str, float]:
+    """Seconds of one DPL inversion by kind of work, from torch's profiler.
+
+    Backward passes are the autograd engine's top-level events; optimiser steps are torch's
+    own `Optimizer.step#...` labels. Profiling slows the run a little; the shares still hold.
+    """
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        invert(
+            model, image, prompt, method="dpl", steps=steps, progress=False, words=words,
+            dpl_config=dpl_config,
+        )  # fmt: skip
+    total = time.perf_counter() - start
+    totals: dict[str, float] = {}
+    backward = optimizer = 0.0
+    for event in prof.key_averages():
+        seconds = event.cpu_time_total / 1e6
+        if event.key.startswith("autograd::engine::evaluate_function"):
+            backward += event.self_cpu_time_total / 1e6
+        elif event.key.startswith("Optimizer.step#"):
+            optimizer += seconds
+        totals[event.key] = seconds
+    result = {"total": total}
+    for row, label in PROFILE_LABELS.items():
+        result[row] = totals.get(label, 0.0)
+    result["backward"] = backward
+    result["optimiser steps"] = optimizer
+    counted = sum(
+        result[row]
+        for row in ("unet forward", "DPL losses", "text encoding", "backward", "optimiser steps")
+    )
+    result["rest (Python, DDIM updates, K-means)"] = max(0.0, total - counted)
+    return result
+
+
+def run_speed(steps: int, split: str, index: int, threads: int | None, work: Path) -> dict:
+    """Every measurement of the benchmark, in the order a user meets them."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    image, prompt, target = _scene_image(split, index)
+    timings: list[Timing] = []
+    start = time.perf_counter()
+    model = load_model()
+    timings.append(Timing("load the bundled model", time.perf_counter() - start))
+    start = time.perf_counter()
+    invert(model, image, prompt, method="nti", steps=1, progress=False)
+    timings.append(Timing("first call (1-step NTI, warm-up)", time.perf_counter() - start))
+    _, nti = _timed_inversion(model, image, prompt, "nti", steps)
+    dpl_inversion, dpl = _timed_inversion(model, image, prompt, "dpl", steps)
+    timings += [nti, dpl]
+    dpl_inversion.save(work / "dpl.inv", overwrite=True)
+    saved = Inversion.load(work / "dpl.inv", model)
+    start = time.perf_counter()
+    result = edit(model, saved, target, progress=False)
+    timings.append(
+        Timing("edit from the saved DPL inversion", time.perf_counter() - start,
+               result.unet_evals["edit"])
+    )  # fmt: skip
+    timings.append(_dpl_run(image, prompt, target, steps, work))
+    return {
+        "steps": steps,
+        "scene": f"{split}-{index:03d}",
+        "prompt": prompt,
+        "target": target,
+        "threads": torch.get_num_threads(),
+        "timings": [asdict(t) for t in timings],
+        "dpl_over_nti": dpl.seconds / nti.seconds,
+        "profile": profile_inversion(model, image, prompt, steps),
+    }
+
+
+def report(record: dict) -> str:
+    """Markdown tables: the timings, then the profile of one DPL inversion."""
+    lines = [
+        f'Scene {record["scene"]} ("{record["prompt"]}" -> "{record["target"]}"), '
+        f"{record['steps']} steps, {record['threads']} torch threads.",
+        "",
+        "| operation | seconds | UNet passes | note |",
+        "|---|---|---|---|",
+    ]
+    for t in record["timings"]:
+        evals = "" if t["unet_evals"] is None else str(t["unet_evals"])
+        lines.append(f"| {t['name']} | {t['seconds']:.2f} | {evals} | {t['note']} |")
+    lines += [
+        "",
+        f"DPL inversion / NTI inversion: {record['dpl_over_nti']:.2f}x",
+        "",
+        "Where one DPL inversion's time goes (torch profiler):",
+        "",
+        "| part | seconds | share |",
+        "|---|---|---|",
+    ]
+    profiled = record["profile"]
+    for part, seconds in profiled.items():
+        if part != "total":
+            lines.append(f"| {part} | {seconds:.2f} | {100 * seconds / profiled['total']:.0f}% |")
+    lines.append(f"| total (profiled) | {profiled['total']:.2f} | 100% |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dpl_edit.bench.speed", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
+    parser.add_argument("--split", default="val", choices=["val", "test"])
+    parser.add_argument("--scene", type=int, default=0, help="scene index in the split")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, help="write report.md and speed.json here")
+    args = parser.parse_args(argv)
+    try:
+        if args.steps < 1:
+            raise DplError("--steps must be at least 1")
+        with tempfile.TemporaryDirectory() as work:
+            record = run_speed(args.steps, args.split, args.scene, args.threads, Path(work))
+    except DplError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    text = report(record)
+    print(text, end="")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(args.out / "report.md", text.encode())
+        atomic_write_bytes(args.out / "speed.json", (json.dumps(record, indent=2) + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

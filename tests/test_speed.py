@@ -1,0 +1,33 @@
+"""The speed benchmark's profile: every part is found and the parts fit inside the total."""
+
+from __future__ import annotations
+
+from conftest import tiny_image
+
+from dpl_edit.bench import speed
+from dpl_edit.dpl.losses import DplLossConfig
+
+
+def test_profile_splits_a_dpl_inversion_into_parts_that_fit_its_total(tiny_model):
+    config = DplLossConfig(max_inner_steps=2, use_thresholds=False)
+    parts = speed.profile_inversion(
+        tiny_model, tiny_image(), "a cat and a dog", 2, ["cat", "dog"], config
+    )
+    total = parts["total"]
+    for part in ("unet forward", "backward", "optimiser steps", "DPL losses", "text encoding"):
+        assert 0 < parts[part] < total, part
+    assert 0 < parts["attention hooks (inside forward)"] <= parts["unet forward"]
+    named = ("unet forward", "DPL losses", "text encoding", "backward", "optimiser steps")
+    assert sum(parts[p] for p in named) <= total * 1.05  # profiler clocks vs wall clock
+
+
+def test_report_lists_every_timing_and_share():
+    record = {
+        "scene": "val-000", "prompt": "a", "target": "b", "steps": 2, "threads": 1,
+        "timings": [{"name": "NTI inversion", "seconds": 2.0, "unet_evals": 10, "note": ""}],
+        "dpl_over_nti": 1.5,
+        "profile": {"total": 4.0, "unet forward": 1.0, "backward": 3.0},
+    }  # fmt: skip
+    text = speed.report(record)
+    assert "| NTI inversion | 2.00 | 10 |" in text
+    assert "| backward | 3.00 | 75% |" in text and "1.50x" in text
