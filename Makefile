@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench speed lint format
+.PHONY: setup demo test ui browser bench speed lint format
 
 setup: $(STAMP)
 
@@ -20,8 +20,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m dpl_edit.demo --out demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+ui: $(STAMP)
+	$(BIN)/dpl ui
+
+# The browser test's headless Chromium and its Selenium driver, from the system's packages (needs
+# root and apt; nothing is downloaded at test time). Installed once; later runs only check.
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 
 bench: $(STAMP)
 	$(BIN)/dpl bench --split test --limit 20 --out bench/results

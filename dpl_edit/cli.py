@@ -26,7 +26,7 @@ from dpl_edit.engine.settings import (
     EditSettings,
     InversionSettings,
 )
-from dpl_edit.errors import DplError
+from dpl_edit.errors import DplError, error_line
 
 Summary = dict[str, Any]
 
@@ -75,13 +75,7 @@ def _add_common(
     """Options every model-using command takes; `steps` and `guidance` are its defaults."""
     group = parser.add_argument_group("common options")
     if model:
-        group.add_argument(
-            "--model", help="diffusers SD folder (default: $DPL_MODEL, then bundled)"
-        )
-        group.add_argument("--device", default="auto", help=f"{DEVICES} (default: %(default)s)")
-        group.add_argument(
-            "--dtype", default=DTYPES[0], choices=DTYPES, help="(default: %(default)s)"
-        )
+        _add_model_options(group)
         group.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
         group.add_argument("--steps", type=int, default=steps,
                            help="DDIM steps (default: %(default)s)" if steps else
@@ -90,6 +84,13 @@ def _add_common(
                            help="guidance scale (default: %(default)s)" if guidance else
                            "guidance scale (default: the inversion's)")  # fmt: skip
     group.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+
+def _add_model_options(group: argparse._ActionsContainer) -> None:
+    """Which model to load, and where: every command that loads one (`dpl ui` too)."""
+    group.add_argument("--model", help="diffusers SD folder (default: $DPL_MODEL, then bundled)")
+    group.add_argument("--device", default="auto", help=f"{DEVICES} (default: %(default)s)")
+    group.add_argument("--dtype", default=DTYPES[0], choices=DTYPES, help="(default: %(default)s)")
 
 
 def _add_inversion_options(parser: argparse.ArgumentParser, one_image: bool = True) -> None:
@@ -296,7 +297,7 @@ def _edit(args: argparse.Namespace, model, inversion) -> Any:
 
 
 def _summary(
-    outputs: dict[str, Path],
+    outputs: dict[str, Path | str],
     seconds: dict[str, float],
     evals: dict[str, int],
     inner_steps: dict[str, list[int]] | None = None,
@@ -622,6 +623,23 @@ def _run_train(args: argparse.Namespace) -> Summary:
     return _summary({"model": model, "run": args.run}, {}, {})
 
 
+def _ui_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: %(default)s, this machine only)")  # fmt: skip
+    parser.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    parser.add_argument("--share", action="store_true",
+                        help="also open a public Gradio share link (off unless given)")  # fmt: skip
+    _add_common(parser, model=False)
+    _add_model_options(parser.add_argument_group("model"))
+
+
+def _run_ui(args: argparse.Namespace) -> Summary:
+    from dpl_edit.ui.app import serve
+
+    address = serve(args.model, args.device, args.dtype, args.host, args.port, args.share)
+    return _summary({"address": address}, {}, {})
+
+
 COMMANDS: list[Command] = [
     Command("invert", "invert a real image (DDIM, null-text inversion or DPL)", _invert_arguments, _run_invert),
     Command("edit", "edit an inverted image with Prompt-to-Prompt", _edit_arguments, _run_edit),
@@ -629,6 +647,7 @@ COMMANDS: list[Command] = [
     Command("run", "invert and edit in one go", _run_arguments, _run_run),
     Command("batch", "invert and edit many images from a job file (resumable, parallel)", _batch_arguments, _run_batch),
     Command("bench", "leakage benchmark of DDIM, NTI, DPL (+ ablations)", _bench_arguments, _run_bench),
+    Command("ui", "the web app: invert, see the attention, edit (local Gradio server)", _ui_arguments, _run_ui),
     Command("train-world", "train the bundled model on the synthetic world (resumable)", _train_arguments, _run_train),
 ]  # fmt: skip
 
@@ -651,7 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = args.runner(args)
     except DplError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -7,3 +7,8 @@ into a one-line message and a non-zero exit code; everything else is a bug and k
 
 class DplError(Exception):
     """An error caused by user input, reported as one line without a traceback."""
+
+
+def error_line(exc: DplError) -> str:
+    """The one line a user error is reported as, by the CLI and the web app alike."""
+    return f"error: {exc}"

@@ -124,3 +124,11 @@ def test_no_library_warning_noise_on_help_or_import():
     import_run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert import_run.returncode == 0, import_run.stderr
     assert import_run.stderr == ""
+
+
+def test_only_the_command_line_imports_the_web_app():
+    """The app is a layer on top, like the CLI: the library never depends on it (or Gradio)."""
+    for module, targets in _imports().items():
+        if not module.startswith("dpl_edit.ui") and module != "dpl_edit.cli":
+            bad = {t for t in targets if t.startswith("dpl_edit.ui")}
+            assert not bad, f"{module} imports {bad}"

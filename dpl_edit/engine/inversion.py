@@ -53,6 +53,8 @@ def plan_inversion(
     dpl_options = words or dpl_config or background or bg_mask is not None or no_bg
     if method != "dpl" and dpl_options:
         raise DplError(f"words and background options need method 'dpl', not '{method}'")
+    if not prompt.strip():  # nothing to edit later: P2P edits the prompt's words
+        raise DplError("the prompt is empty; describe the image in words")
     check_prompt(model, prompt)  # a prompt the model cannot take is the first thing to report
     if method != "dpl":
         return None

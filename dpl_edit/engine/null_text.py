@@ -130,7 +130,9 @@ def null_text_inversion(
     store = CrossAttentionStore([model.defaults.cross_attention_res])
     latent, null = latents[-1:], uncond
     nulls, inner_steps, losses = [], [], []
-    bar = tqdm(total=steps * settings.inner_steps, desc="null-text inversion", disable=not progress)
+    # The stage and the null text alternate at every step, so one bar counts both.
+    desc = "null-text inversion" if stage is None else "token learning + null-text inversion"
+    bar = tqdm(total=steps * settings.inner_steps, desc=desc, disable=not progress)
     for i, t in enumerate(ddim.timesteps):
         step_cond = cond if stage is None else stage(i, t, latent).detach()
         with torch.no_grad(), controlled_attention(model.unet, [store]):
