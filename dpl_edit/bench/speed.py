@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -80,11 +81,14 @@ def _dpl_run(image: Image.Image, prompt: str, target: str, steps: int, folder: P
     """`dpl run` in a fresh process: what a user of the command waits for."""
     image.save(folder / "scene.png")
     command = [
-        sys.executable, "-m", "dpl_edit.cli", "run", str(folder / "scene.png"), prompt, target,
+        sys.executable, "-m", "dpl_edit.cli", "run", str(folder / "scene.png"), "--prompt", prompt,
+        "--target", target,
         "--out", str(folder / "edit.png"), "--steps", str(steps), "--json",
     ]  # fmt: skip
+    # The same thread count as this process, so the rows compare.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise DplError(f"dpl run failed: {done.stderr.strip().splitlines()[-1]}")
