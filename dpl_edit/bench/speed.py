@@ -2,8 +2,8 @@
 
 On one built-in scene: loading the model, a first call (warm-up), NTI inversion, DPL inversion
 (the model's DPL defaults), an edit from a saved DPL inversion, and `dpl run` end to end in a
-fresh process, each with its UNet passes. Then one more DPL inversion under torch's profiler,
-split into UNet forward passes (with the attention hooks inside them shown apart), backward
+fresh process, each with its UNet passes. Then one more DPL inversion, timed by the engine's
+labelled timers (`dpl_edit.engine.timers`), split into UNet forward passes (with the attention hooks inside them shown apart), backward
 passes, optimiser steps, DPL's loss code, text encoding and the rest (Python, DDIM updates,
 K-means), so the next person knows where the time goes.
 
@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.profiler import ProfilerActivity, profile
 
 from dpl_edit.bench.scenes import load_rgb
 from dpl_edit.bench.world_set import world_scene
@@ -35,6 +34,7 @@ from dpl_edit.engine.artifact import Inversion
 from dpl_edit.engine.edit import edit
 from dpl_edit.engine.inversion import invert, reconstruct
 from dpl_edit.engine.model import LoadedModel, load_model
+from dpl_edit.engine.timers import collect
 from dpl_edit.errors import DplError
 from dpl_edit.io.atomic import atomic_write_bytes
 from dpl_edit.metrics import psnr
@@ -42,10 +42,14 @@ from dpl_edit.metrics import psnr
 PROFILE_LABELS = {
     "unet forward": "unet_forward",
     "attention hooks (inside forward)": "attention_controllers",
+    "backward": "backward",
+    "optimiser steps": "optimiser",
     "DPL losses": "dpl_losses",
     "text encoding": "text_encode",
 }
-"""Report rows -> the `torch.profiler.record_function` labels the engine sets."""
+"""Report rows -> the engine's timer labels (`dpl_edit.engine.timers`)."""
+DISJOINT_PARTS = ("unet forward", "backward", "optimiser steps", "DPL losses", "text encoding")
+"""The rows that never overlap one another (the hooks run inside the forward passes)."""
 
 
 @dataclass
@@ -103,37 +107,17 @@ def profile_inversion(
     words: Sequence[str] | None = None,
     dpl_config: DplLossConfig | None = None,
 ) -> dict[str, float]:
-    """Seconds of one DPL inversion by kind of work, from torch's profiler.
-
-    Backward passes are the autograd engine's top-level events; optimiser steps are torch's
-    own `Optimizer.step#...` labels. Profiling slows the run a little; the shares still hold.
-    """
+    """Seconds of one DPL inversion by kind of work, from the engine's labelled timers."""
     start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with collect() as totals:
         invert(
             model, image, prompt, method="dpl", steps=steps, progress=False, words=words,
             dpl_config=dpl_config,
         )  # fmt: skip
-    total = time.perf_counter() - start
-    totals: dict[str, float] = {}
-    backward = optimizer = 0.0
-    for event in prof.key_averages():
-        seconds = event.cpu_time_total / 1e6
-        if event.key.startswith("autograd::engine::evaluate_function"):
-            backward += seconds  # one event per graph node, never nested in one another
-        elif event.key.startswith("Optimizer.step#"):
-            optimizer += seconds
-        totals[event.key] = seconds
-    result = {"total": total}
-    for row, label in PROFILE_LABELS.items():
-        result[row] = totals.get(label, 0.0)
-    result["backward"] = backward
-    result["optimiser steps"] = optimizer
-    counted = sum(
-        result[row]
-        for row in ("unet forward", "DPL losses", "text encoding", "backward", "optimiser steps")
-    )
-    result["rest (Python, DDIM updates, K-means)"] = max(0.0, total - counted)
+    result = {"total": time.perf_counter() - start}
+    result.update({row: totals.get(label, 0.0) for row, label in PROFILE_LABELS.items()})
+    counted = sum(result[row] for row in DISJOINT_PARTS)
+    result["rest (Python, DDIM updates, K-means)"] = max(0.0, result["total"] - counted)
     return result
 
 

@@ -56,6 +56,7 @@ from dpl_edit.engine.text import (
     word_spans,
     word_token_positions,
 )
+from dpl_edit.engine.timers import timed
 from dpl_edit.errors import DplError
 
 log = logging.getLogger(__name__)
@@ -236,7 +237,7 @@ class TokenStage:
         stop = StopAfter(last_layer(self.model.unet, store))
         with controlled_attention(self.model.unet, [store, stop]), suppress(ForwardStopped):
             self.model.predict(latent, t, self.conditioning(vectors))
-        with torch.profiler.record_function("dpl_losses"):
+        with timed("dpl_losses"):
             maps = [store.current(res)[0] for res in self.levels]
             return evaluate_losses(
                 maps,
@@ -266,8 +267,10 @@ class TokenStage:
                 if report.satisfied:
                     break
                 optimizer.zero_grad()
-                report.total.backward()
-                optimizer.step()
+                with timed("backward"):
+                    report.total.backward()
+                with timed("optimiser"):
+                    optimizer.step()
                 updates += 1
         self.vectors = vectors.detach()
         self.steps.append(self.vectors.cpu())

@@ -21,6 +21,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+from dpl_edit.engine.timers import timed
+
 
 @dataclass(frozen=True)
 class AttnLayer:
@@ -175,7 +177,7 @@ class ControlledAttnProcessor:
         value = attn.head_to_batch_dim(attn.to_v(context))
         probs = attn.get_attention_scores(query, key, attention_mask)
         probs = probs.view(batch, attn.heads, *probs.shape[1:])
-        with torch.profiler.record_function("attention_controllers"):
+        with timed("attention_controllers"):
             probs = self.chain(probs, self.layer)
         probs = probs.reshape(batch * attn.heads, *probs.shape[2:])
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs.to(value.dtype), value))

@@ -26,6 +26,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
 from dpl_edit.engine.settings import DEVICES, DTYPES
+from dpl_edit.engine.timers import timed
 from dpl_edit.errors import DplError
 from dpl_edit.io.images import tensor_to_arrays
 
@@ -88,10 +89,9 @@ class LoadedModel:
     def predict(self, latents: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
         """One UNet call (raw output: epsilon or v), counted so stages can report their cost.
 
-        Labelled for torch's profiler (`dpl_edit.bench.speed`); the label costs nothing when no
-        profiler runs."""
+        Timed for the speed benchmark's profile (`dpl_edit.engine.timers`)."""
         self.unet_evals += 1
-        with torch.profiler.record_function("unet_forward"):
+        with timed("unet_forward"):
             return self.unet(latents, t, encoder_hidden_states=context).sample
 
     @torch.no_grad()

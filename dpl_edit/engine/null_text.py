@@ -23,6 +23,7 @@ from dpl_edit.engine.attention import AttentionController, CrossAttentionStore, 
 from dpl_edit.engine.ddim import Ddim
 from dpl_edit.engine.model import LoadedModel
 from dpl_edit.engine.settings import NullTextSettings
+from dpl_edit.engine.timers import timed
 
 
 class StepStage(Protocol):
@@ -89,8 +90,10 @@ def optimize_null(
             ddim.guided_step(uncond_output, cond_output, guidance, t, latent32), target
         )
         optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        with timed("backward"):
+            loss.backward()
+        with timed("optimiser"):
+            optimizer.step()
         loss_value = loss.item()
         if settings.early_stop is not None:
             if loss_value < settings.early_stop + step * settings.early_stop_slope:

@@ -18,6 +18,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from dpl_edit.engine.model import LoadedModel
+from dpl_edit.engine.timers import timed
 from dpl_edit.errors import DplError
 
 PUNCTUATION = ".,;:!?\"'()[]"
@@ -153,7 +154,7 @@ def encode_text(
     with (
         torch.set_grad_enabled(needs_grad),
         _overridden_token_embeddings(model, token_vectors),
-        torch.profiler.record_function("text_encode"),
+        timed("text_encode"),
     ):
         return model.text_encoder(ids)[0]
 
