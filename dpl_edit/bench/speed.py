@@ -173,7 +173,7 @@ def report(record: dict) -> str:
         "",
         f"DPL inversion / NTI inversion: {record['dpl_over_nti']:.2f}x",
         "",
-        "Where one DPL inversion's time goes (torch profiler):",
+        "Where one DPL inversion's time goes (the engine's timers):",
         "",
         "| part | seconds | share |",
         "|---|---|---|",
@@ -182,7 +182,7 @@ def report(record: dict) -> str:
     for part, seconds in profiled.items():
         if part != "total":
             lines.append(f"| {part} | {seconds:.2f} | {100 * seconds / profiled['total']:.0f}% |")
-    lines.append(f"| total (profiled) | {profiled['total']:.2f} | 100% |")
+    lines.append(f"| total (timed run) | {profiled['total']:.2f} | 100% |")
     return "\n".join(lines) + "\n"
 
 
