@@ -91,6 +91,9 @@ def _add_model_options(group: argparse._ActionsContainer) -> None:
     group.add_argument("--model", help="diffusers SD folder (default: $DPL_MODEL, then bundled)")
     group.add_argument("--device", default="auto", help=f"{DEVICES} (default: %(default)s)")
     group.add_argument("--dtype", default=DTYPES[0], choices=DTYPES, help="(default: %(default)s)")
+    group.add_argument("--threads", type=int, metavar="N",
+                       help="CPU threads (default: the model's `threads` in dpl_defaults.json, "
+                       "else torch's choice)")  # fmt: skip
 
 
 def _add_inversion_options(parser: argparse.ArgumentParser, one_image: bool = True) -> None:
@@ -239,7 +242,13 @@ def _load_model(args: argparse.Namespace):
     from dpl_edit.engine.model import load_model
 
     torch.manual_seed(args.seed)
-    return load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.threads is not None and args.threads < 1:
+        raise DplError("--threads must be at least 1")
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    threads = args.threads or model.defaults.threads
+    if threads is not None and model.device.type == "cpu":
+        torch.set_num_threads(threads)
+    return model
 
 
 def _invert(args: argparse.Namespace, model, image) -> Any:

@@ -142,3 +142,29 @@ def test_bad_option_values_exit_nonzero(capsys):
         main(["edit", "x", "--target", "t", "--out", "o", "--reweight", "dog"])
     assert raised.value.code == 2
     assert "expected WORD=NUMBER" in capsys.readouterr().err
+
+
+def test_threads_come_from_the_option_else_the_model(tiny_model_dir, image_file, tmp_path):
+    """`--threads` wins; without it the model folder's `threads` is used (torch's global)."""
+    import json as json_
+
+    import torch
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    defaults = json_.loads((model / "dpl_defaults.json").read_text())
+    (model / "dpl_defaults.json").write_text(json_.dumps({**defaults, "threads": 1}))
+    argv = ["invert", str(image_file), "--prompt", "a cat", "--method", "ddim", "--model"]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main([*argv, str(model), "--out", str(tmp_path / "a"), *FAST]) == 0
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        assert main([*argv, str(tiny_model_dir), "--out", str(tmp_path / "b"), *FAST]) == 0
+        assert torch.get_num_threads() == 2  # no suggestion: left alone
+        out = str(tmp_path / "c")
+        assert main([*argv, str(model), "--out", out, "--threads", "2", *FAST]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -56,6 +56,10 @@ class ModelDefaults:
     dpl: tuple[tuple[str, Any], ...] = ()
     """DPL settings chosen for this model (`DplLossConfig` fields), used when a user gives
     none; kept as pairs so the defaults stay hashable. Empty: the paper's settings."""
+    threads: int | None = None
+    """CPU threads this model runs fastest on, when measured (the bundled model's small layers
+    run faster on one thread than on two); the `dpl` commands use it unless told otherwise.
+    None: torch's choice."""
 
     @classmethod
     def for_latent_size(cls, latent_size: int) -> ModelDefaults:
@@ -219,6 +223,7 @@ def _read_defaults(folder: Path, latent_size: int) -> ModelDefaults:
                 (str(k), tuple(v) if isinstance(v, list) else v)
                 for k, v in sorted(dict(data.get("dpl", {})).items())
             ),
+            threads=None if data.get("threads") is None else int(data["threads"]),
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise DplError(f"{file} is not valid: {exc}") from None
