@@ -130,6 +130,8 @@ def run_speed(steps: int, split: str, index: int, threads: int | None, work: Pat
     start = time.perf_counter()
     model = load_model()
     timings.append(Timing("load the bundled model", time.perf_counter() - start))
+    if threads is None and model.defaults.threads is not None:
+        torch.set_num_threads(model.defaults.threads)  # as the `dpl` commands do
     start = time.perf_counter()
     invert(model, image, prompt, method="nti", steps=1, progress=False)
     timings.append(Timing("first call (1-step NTI, warm-up)", time.perf_counter() - start))
@@ -193,7 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
     parser.add_argument("--split", default="val", choices=["val", "test"])
     parser.add_argument("--scene", type=int, default=0, help="scene index in the split")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (default: the model's, else torch's choice)"
+    )
     parser.add_argument("--out", type=Path, help="write report.md and speed.json here")
     args = parser.parse_args(argv)
     try:
