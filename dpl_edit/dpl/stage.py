@@ -203,6 +203,8 @@ class TokenStage:
         self.words = list(words)
         self.groups = [list(group) for group in groups]
         self.levels = loss_levels(model, config)
+        # The last layer the losses read: every loss evaluation stops the UNet call there.
+        self.stop_layer = last_layer(model.unet, CrossAttentionStore(self.levels))
         if len(bg_masks) != len(self.levels):
             raise ValueError(f"{len(self.levels)} loss levels but {len(bg_masks)} masks")
         self.bg_masks = [None if mask is None else mask.to(model.device) for mask in bg_masks]
@@ -234,7 +236,7 @@ class TokenStage:
         no noise prediction, and the layers after it change neither the maps nor their gradients.
         """
         store = CrossAttentionStore(self.levels, grad=True)
-        stop = StopAfter(last_layer(self.model.unet, store))
+        stop = StopAfter(self.stop_layer)
         with controlled_attention(self.model.unet, [store, stop]), suppress(ForwardStopped):
             self.model.predict(latent, t, self.conditioning(vectors))
         with timed("dpl_losses"):
