@@ -76,6 +76,9 @@ def _add_common(
     group = parser.add_argument_group("common options")
     if model:
         _add_model_options(group)
+        group.add_argument("--threads", type=int, metavar="N",
+                           help="CPU threads (default: the model's `threads` in "
+                           "dpl_defaults.json, else torch's choice)")  # fmt: skip
         group.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
         group.add_argument("--steps", type=int, default=steps,
                            help="DDIM steps (default: %(default)s)" if steps else
@@ -91,9 +94,6 @@ def _add_model_options(group: argparse._ActionsContainer) -> None:
     group.add_argument("--model", help="diffusers SD folder (default: $DPL_MODEL, then bundled)")
     group.add_argument("--device", default="auto", help=f"{DEVICES} (default: %(default)s)")
     group.add_argument("--dtype", default=DTYPES[0], choices=DTYPES, help="(default: %(default)s)")
-    group.add_argument("--threads", type=int, metavar="N",
-                       help="CPU threads (default: the model's `threads` in dpl_defaults.json, "
-                       "else torch's choice)")  # fmt: skip
 
 
 def _add_inversion_options(parser: argparse.ArgumentParser, one_image: bool = True) -> None:
@@ -239,15 +239,13 @@ def _add_edit_options(parser: argparse.ArgumentParser) -> None:
 def _load_model(args: argparse.Namespace):
     import torch
 
-    from dpl_edit.engine.model import load_model
+    from dpl_edit.engine.model import load_model, use_threads
 
     torch.manual_seed(args.seed)
-    if args.threads is not None and args.threads < 1:
+    if args.threads is not None and args.threads < 1:  # before the model loads
         raise DplError("--threads must be at least 1")
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    threads = args.threads or model.defaults.threads
-    if threads is not None and model.device.type == "cpu":
-        torch.set_num_threads(threads)
+    use_threads(model, args.threads)
     return model
 
 

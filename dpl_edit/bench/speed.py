@@ -33,7 +33,7 @@ from dpl_edit.dpl.losses import DplLossConfig
 from dpl_edit.engine.artifact import Inversion
 from dpl_edit.engine.edit import edit
 from dpl_edit.engine.inversion import invert, reconstruct
-from dpl_edit.engine.model import LoadedModel, load_model
+from dpl_edit.engine.model import LoadedModel, load_model, use_threads
 from dpl_edit.engine.timers import collect
 from dpl_edit.errors import DplError
 from dpl_edit.io.atomic import atomic_write_bytes
@@ -123,15 +123,12 @@ def profile_inversion(
 
 def run_speed(steps: int, split: str, index: int, threads: int | None, work: Path) -> dict:
     """Every measurement of the benchmark, in the order a user meets them."""
-    if threads is not None:
-        torch.set_num_threads(threads)
     image, prompt, target = _scene_image(split, index)
     timings: list[Timing] = []
     start = time.perf_counter()
     model = load_model()
     timings.append(Timing("load the bundled model", time.perf_counter() - start))
-    if threads is None and model.defaults.threads is not None:
-        torch.set_num_threads(model.defaults.threads)  # as the `dpl` commands do
+    use_threads(model, threads)  # as the `dpl` commands do
     start = time.perf_counter()
     invert(model, image, prompt, method="nti", steps=1, progress=False)
     timings.append(Timing("first call (1-step NTI, warm-up)", time.perf_counter() - start))

@@ -111,6 +111,18 @@ class LoadedModel:
         return [Image.fromarray(array) for array in tensor_to_arrays(pixels)]
 
 
+def use_threads(model: LoadedModel, threads: int | None = None) -> None:
+    """Run `model` on `threads` CPU threads, else on the count its folder suggests
+    (`ModelDefaults.threads`, measured fastest); off the CPU, or with neither, torch's choice
+    stays. torch's setting is per process, so this is for commands and benchmarks, not for
+    a library call in someone else's program."""
+    if threads is not None and threads < 1:
+        raise DplError(f"the number of threads must be at least 1, got {threads}")
+    chosen = threads or model.defaults.threads
+    if chosen is not None and model.device.type == "cpu":
+        torch.set_num_threads(chosen)
+
+
 def resolve_device(device: str) -> torch.device:
     """Parse a device name, refusing ones torch does not know or this machine lacks.
 
