@@ -58,7 +58,7 @@ class ModelDefaults:
     none; kept as pairs so the defaults stay hashable. Empty: the paper's settings."""
     threads: int | None = None
     """CPU threads this model runs fastest on, when measured (the bundled model's small layers
-    run faster on one thread than on two); the `dpl` commands use it unless told otherwise.
+    run faster on one thread than on two); `use_threads` applies it for the `dpl` commands unless told otherwise.
     None: torch's choice."""
 
     @classmethod
