@@ -21,6 +21,7 @@ from dpl_edit import __version__
 from dpl_edit.engine.settings import (
     DEVICES,
     DTYPES,
+    LEAK_REGIONS,
     METHODS,
     MODES,
     EditSettings,
@@ -142,10 +143,11 @@ def _add_dpl_options(parser: argparse.ArgumentParser, one_image: bool = True) ->
     group.add_argument("--threshold-index", choices=["step", "fraction"],
                        help="index the loss thresholds by step, or by the fraction of the "
                        "schedule (a 10-step run then follows the 50-step schedule)")  # fmt: skip
-    group.add_argument("--leak-region", choices=["background", "others"],
+    group.add_argument("--leak-region", choices=list(LEAK_REGIONS),
                        help="what the background loss keeps a word's map off: the estimated "
                        "background (paper), or everything outside the word's own clusters "
-                       "(background and the other words' objects)")  # fmt: skip
+                       "(background and the other words' objects); others-split first splits "
+                       "clusters that several words cover, pixel by pixel")  # fmt: skip
     group.add_argument("--bg-resample", choices=["majority", "any"],
                        help="background mask at the loss level: area majority, or any "
                        "background in the cell (the paper code's dilated mask)")  # fmt: skip

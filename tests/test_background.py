@@ -14,6 +14,7 @@ from dpl_edit.dpl.background import (
     estimate_background,
     leak_regions,
     load_mask_png,
+    split_shared_clusters,
 )
 from dpl_edit.errors import DplError
 
@@ -31,9 +32,15 @@ def regions() -> np.ndarray:
     return region
 
 
-def self_attention(seed: int = 0) -> torch.Tensor:
-    """Each pixel attends (almost) uniformly to its own region: block-structured rows."""
+def self_attention(seed: int = 0, merged: tuple[int, ...] = ()) -> torch.Tensor:
+    """Each pixel attends (almost) uniformly to its own region: block-structured rows.
+
+    Regions listed in `merged` attend to one another as one region, as two nearby objects do
+    when K-means cannot tell them apart.
+    """
     flat = regions().ravel()
+    if merged:
+        flat = np.where(np.isin(flat, merged), merged[0], flat)
     same = (flat[:, None] == flat[None, :]).astype(np.float64)
     noisy = same + 0.02 * np.random.default_rng(seed).random(same.shape)
     return torch.from_numpy(noisy / noisy.sum(axis=1, keepdims=True))
@@ -93,6 +100,28 @@ def test_leak_regions_are_everything_outside_a_words_clusters():
     # With no background, the other word's object is still there to stay off.
     full = leak_regions(estimate({2: [0, 1, 2], 3: [3, 4]}, [[2], [3]], ["cat", "dog"]))
     np.testing.assert_array_equal(full[0].numpy(), region >= 3)
+
+
+def test_a_cluster_two_words_cover_is_split_between_them_pixel_by_pixel():
+    # Regions 3 and 4 (cat's and dog's objects) form one self-attention cluster.
+    merged = estimate_background(
+        self_attention(merged=(3, 4)),
+        cross_maps({2: [3], 3: [4], 4: [1]}),
+        [[2], [3], [4]],
+        ["cat", "dog", "bird"],
+        n_clusters=4,
+    )
+    region = regions()
+    # K-means merged them: one word claims both objects, the other claims nothing.
+    owned = {word: merged.word_masks[word].numpy() for word in ("cat", "dog")}
+    assert sorted(mask.sum() for mask in owned.values()) == [0, 16]
+    split = split_shared_clusters(merged)
+    np.testing.assert_array_equal(split.word_masks["cat"].numpy(), region == 3)
+    np.testing.assert_array_equal(split.word_masks["dog"].numpy(), region == 4)
+    # A cluster only one word covers, and the background, are left as they were.
+    np.testing.assert_array_equal(split.word_masks["bird"].numpy(), region == 1)
+    np.testing.assert_array_equal(split.background.numpy(), merged.background.numpy())
+    np.testing.assert_array_equal(leak_regions(split)[1].numpy(), region != 4)
 
 
 def test_cluster_scores_are_mean_normalised_attention():

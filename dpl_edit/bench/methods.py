@@ -147,6 +147,13 @@ _TABLE = (
         {"leak_region": "others"},
     ),
     BenchMethod(
+        "dpl-others-split",
+        "dpl",
+        "DPL (model defaults), each word kept off everything outside its own pixels, clusters"
+        " two words cover split between them",
+        {"leak_region": "others-split"},
+    ),
+    BenchMethod(
         "dpl-others-words",
         "dpl",
         "DPL (model defaults), leakage region outside own clusters, word softmax, balancing on",

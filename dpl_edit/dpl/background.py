@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -40,7 +40,9 @@ class BackgroundEstimate:
     cluster); `cluster_owners` the word that claimed each cluster, None for background.
     `word_masks` has one bool [r, r] mask per word, in `words` order, all False for a word that
     claimed no cluster. `background` is the bool [r, r] union of unclaimed clusters, or None when
-    every pixel was claimed (the background loss must then be skipped).
+    every pixel was claimed (the background loss must then be skipped). `word_scores`
+    [words, r, r] are the normalised cross-attention maps the clusters were labelled with, and
+    `threshold` the score a word needed to claim a cluster; `split_shared_clusters` reads both.
     """
 
     words: tuple[str, ...]
@@ -49,6 +51,8 @@ class BackgroundEstimate:
     cluster_owners: tuple[str | None, ...]
     word_masks: dict[str, torch.Tensor]
     background: torch.Tensor | None
+    word_scores: torch.Tensor
+    threshold: float
 
 
 def _resize_maps(maps: torch.Tensor, res: int) -> torch.Tensor:
@@ -143,7 +147,34 @@ def estimate_background(
         cluster_owners=owners,
         word_masks={word: union(word) for word in words},
         background=background if bool(background.any()) else None,
+        word_scores=normalised.reshape(len(words), res, res).float(),
+        threshold=threshold,
     )
+
+
+def split_shared_clusters(estimate: BackgroundEstimate) -> BackgroundEstimate:
+    """The estimate with every claimed cluster that several words cover split between them.
+
+    K-means often puts two nearby objects into one cluster, which one word claims while the
+    other claims none (measured in docs/benchmarks.md, issue 9 section 8); a word's own region
+    then holds both objects and the other word has none, so nothing ties either word to its
+    own object. Here a claimed cluster whose mean score exceeds the threshold for more than
+    one word is divided pixel by pixel: each pixel goes to the covering word whose normalised
+    cross-attention is highest there. Unclaimed clusters (the background) stay as they are.
+    """
+    shared = estimate.cluster_scores > estimate.threshold  # [clusters, words]
+    masks = {word: mask.clone() for word, mask in estimate.word_masks.items()}
+    for cluster, owner in enumerate(estimate.cluster_owners):
+        covering = torch.nonzero(shared[cluster]).flatten()
+        if owner is None or len(covering) < 2:
+            continue
+        inside = estimate.clusters == cluster
+        scores = estimate.word_scores[covering]  # [covering, r, r]
+        pick = covering[scores.argmax(dim=0)]
+        for k, word in enumerate(estimate.words):
+            masks[word] &= ~inside
+            masks[word] |= inside & (pick == k)
+    return replace(estimate, word_masks=masks)
 
 
 def leak_regions(estimate: BackgroundEstimate) -> torch.Tensor | None:

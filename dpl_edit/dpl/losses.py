@@ -23,6 +23,7 @@ from dpl_edit.dpl.word_maps import (
     combine_token_maps,
     word_maps,
 )
+from dpl_edit.engine.settings import LEAK_REGIONS
 from dpl_edit.errors import DplError
 
 GaussianFormula = Literal["ae-quirk", "standard"]
@@ -34,10 +35,14 @@ position but the first and the last (the authors' code), "words" the prompt's ow
 ThresholdIndex = Literal["step", "fraction"]
 """How Eq. 10's thresholds are indexed: by the step number, or by the fraction of the schedule
 done, mapped onto a `schedule_steps`-step run (so that 10 steps follow the 50-step schedule)."""
-LeakRegion = Literal["background", "others"]
+LeakRegion = Literal["background", "others", "others-split"]
 """Where the background-leakage loss keeps a word's map off: the estimated background (the
 paper), or everything the word's own K-means clusters do not cover, i.e. the background *and*
-the other words' objects, which stops two words' maps from swapping objects."""
+the other words' objects, which stops two words' maps from swapping objects. "others-split"
+is "others" after clusters that several words cover are split between them pixel by pixel
+(`dpl_edit.dpl.background.split_shared_clusters`), so that each word owns its own object even
+when K-means merged two objects into one cluster."""
+
 
 _NORM_EPS = 1e-8
 """Floor for vector norms in cosines, so an all-zero map gives cosine 0 instead of NaN."""
@@ -174,7 +179,7 @@ def background_loss(
 
     `bg_mask` is a bool [res, res] map at the maps' resolution (True = background), or one such
     map per word [words, res, res] when each word has its own region to stay out of
-    (`leak_region` "others"). Returns None when there is nothing to leak into (no mask, or only
+    (`leak_region` "others" or "others-split"). Returns None when there is nothing to leak into (no mask, or only
     empty ones): the loss is then undefined rather than 0, and the caller decides how to report
     skipping it.
     """
@@ -256,8 +261,10 @@ class DplLossConfig:
             raise DplError(
                 f"unknown threshold index {self.threshold_index!r}; use step or fraction"
             )
-        if self.leak_region not in ("background", "others"):
-            raise DplError(f"unknown leakage region {self.leak_region!r}; use background or others")
+        if self.leak_region not in LEAK_REGIONS:
+            raise DplError(
+                f"unknown leakage region {self.leak_region!r}; use {', '.join(LEAK_REGIONS)}"
+            )
         if self.schedule_steps < 1:
             raise DplError(f"schedule_steps must be >= 1, got {self.schedule_steps}")
         if any(int(res) < 1 for res in self.loss_res):

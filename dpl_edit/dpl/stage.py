@@ -34,6 +34,7 @@ from dpl_edit.dpl.background import (
     load_mask_png,
     mask_image,
     mask_images,
+    split_shared_clusters,
 )
 from dpl_edit.dpl.losses import DplLossConfig, LossReport, evaluate_losses
 from dpl_edit.engine.attention import (
@@ -347,9 +348,9 @@ class DplPlan:
         if no_bg:
             config = replace(config, use_bg=False)
         wants_bg = config.use_bg and config.lambda_bg > 0
-        if wants_bg and bg_mask is not None and config.leak_region == "others":
+        if wants_bg and bg_mask is not None and config.leak_region != "background":
             raise DplError(
-                "the leakage region 'others' needs the estimated word clusters; it cannot be "
+                f"the leakage region {config.leak_region!r} needs the estimated word clusters; it cannot be "
                 "used with a background mask file"
             )
         user_mask, self_store, source = None, None, "off"
@@ -380,11 +381,13 @@ class DplPlan:
             background = self.user_mask
         elif self.self_store is not None:
             estimate = self._estimate(cross_maps)
+            if self.config.leak_region == "others-split":
+                estimate = split_shared_clusters(estimate)
             self.masks = mask_images(estimate, size)
             if estimate.background is None:
                 self.bg_source = "estimated: none found"
             background = estimate.background
-            if self.config.leak_region == "others":
+            if self.config.leak_region != "background":
                 background = leak_regions(estimate)
         masks = [
             None if background is None else self._at_resolution(background, res) for res in levels

@@ -13,6 +13,8 @@ METHODS = ("ddim", "nti", "dpl")
 """Inversion methods: plain DDIM inversion, null-text inversion, NTI with Dynamic Prompt Learning."""
 MODES = ("replace", "refine")
 """Prompt-to-Prompt edit modes: word swap, and refinement (words added or removed)."""
+LEAK_REGIONS = ("background", "others", "others-split")
+"""DPL's leakage regions (`dpl_edit.dpl.losses.LeakRegion` says what each keeps a word off)."""
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = "cpu, cuda, cuda:N, mps or auto"
 
