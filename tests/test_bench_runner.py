@@ -291,3 +291,17 @@ def test_example_jobs_are_the_scenes_word_swaps(world_model: LoadedModel, tmp_pa
     for job, scene in zip(jobs, scenes, strict=True):
         assert job.prompt == scene.source and [e.target for e in job.edits] == [scene.target]
         np.testing.assert_array_equal(np.asarray(Image.open(job.image)), scene.source_image())
+
+
+def test_a_setting_added_since_a_run_reads_as_its_default_on_resume(tiny_model):
+    methods = {m.name: m for m in resolve_methods(["dpl", "dpl-rise", "nti", "nti-fast"])}
+    current = runner.method_config(tiny_model, methods["dpl"])
+    older = {k: v for k, v in current.items() if k != "stop_on_rise"}  # stored before it existed
+    assert runner.same_config(older, current)
+    assert not runner.same_config(older, runner.method_config(tiny_model, methods["dpl-rise"]))
+    # Null-text settings are part of a row's config, for NTI rows too.
+    assert runner.method_config(tiny_model, methods["nti"]) is None
+    fast = runner.method_config(tiny_model, methods["nti-fast"])
+    assert fast["null_text"]["inner_steps"] == 5
+    assert not runner.same_config(None, fast)
+    assert runner.same_config(None, None)

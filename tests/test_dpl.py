@@ -10,8 +10,19 @@ import pytest
 import torch
 from PIL import Image
 
-from dpl_edit.dpl.losses import DplLossConfig, background_loss, balancing_loss, disjoint_loss
-from dpl_edit.dpl.stage import ORIGINAL_NULL_TEXT, BackgroundSettings
+from dpl_edit.dpl.losses import (
+    DplLossConfig,
+    LossReport,
+    background_loss,
+    balancing_loss,
+    disjoint_loss,
+)
+from dpl_edit.dpl.stage import (
+    ORIGINAL_NULL_TEXT,
+    BackgroundSettings,
+    TokenStage,
+    word_token_groups,
+)
 from dpl_edit.engine.artifact import Inversion
 from dpl_edit.engine.attention import CrossAttentionStore, controlled_attention
 from dpl_edit.engine.ddim import Ddim
@@ -422,3 +433,40 @@ def test_unknown_model_dpl_default_is_a_clear_error(tiny_model_dir, tmp_path):
 
     with pytest.raises(DplError, match="unknown settings: lambda_xx"):
         invert(model, tiny_image(), PROMPT, "dpl", steps=2, words=["cat"], progress=False)
+
+
+class _Quadratic(TokenStage):
+    """A token stage whose total loss is the squared distance of the vectors to `target`, so
+    whether an update overshoots (and raises the loss) is known in advance."""
+
+    target: torch.Tensor
+
+    def losses(self, vectors, step, t, latent):
+        total = (vectors - self.target).square().sum()
+        return LossReport(None, None, None, total, None, False, False)
+
+
+@pytest.mark.parametrize("distance", [0.1, 10.0])
+def test_stop_on_rise_undoes_the_update_that_raised_the_loss(tiny_model, distance):
+    # AdamW's first steps move every coordinate by about lr = 1: from 0.1 away that
+    # overshoots (the loss rises at once); from 10 away every update lowers the loss.
+    groups = word_token_groups(tiny_model, PROMPT, ["cat"])
+    latent = torch.zeros(1)  # unused by the quadratic loss
+    results = {}
+    for stop in (False, True):
+        config = dataclasses.replace(
+            FORCED, lr=1.0, weight_decay=0.0, max_inner_steps=4, stop_on_rise=stop
+        )
+        stage = _Quadratic(tiny_model, PROMPT, ["cat"], groups, [None], config, STEPS)
+        start = stage.vectors.clone()
+        stage.target = start + distance
+        stage(0, 500, latent)
+        results[stop] = (start, stage.vectors, stage.trace[0]["inner_steps"])
+    assert results[False][2] == 4
+    start, vectors, updates = results[True]
+    if distance < 1:
+        torch.testing.assert_close(vectors, start)
+        assert updates == 0
+    else:
+        torch.testing.assert_close(vectors, results[False][1])
+        assert updates == 4

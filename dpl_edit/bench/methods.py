@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from dpl_edit.engine.settings import EditSettings, InversionSettings
+from dpl_edit.engine.settings import EditSettings, InversionSettings, NullTextSettings
 from dpl_edit.errors import DplError
 
 
@@ -31,6 +31,12 @@ class BenchMethod:
     dpl_switches: dict[str, Any] | None = field(default=None)
     """`DplLossConfig` fields to override (empty: the base as it is); None for non-DPL rows."""
     base: Literal["model", "paper"] = "model"
+    null_switches: dict[str, Any] | None = field(default=None)
+    """`NullTextSettings` fields to override (NTI and DPL rows); None keeps invert's default."""
+
+    def null_text(self) -> NullTextSettings | None:
+        """The null-text settings this row runs with, or None for `invert`'s default."""
+        return None if self.null_switches is None else NullTextSettings(**self.null_switches)
 
     def dpl_config(self, model: Any) -> Any:
         """The `DplLossConfig` this row runs on `model`, or None for non-DPL rows."""
@@ -45,13 +51,16 @@ class BenchMethod:
     def invert_kwargs(self, model: Any, nouns: Sequence[str]) -> dict[str, Any]:
         """Extra `invert` arguments: DPL learns the object nouns' tokens under its loss config."""
         config = self.dpl_config(model)
-        return {} if config is None else {"words": list(nouns), "dpl_config": config}
+        kwargs = {} if config is None else {"words": list(nouns), "dpl_config": config}
+        null_text = self.null_text()
+        return kwargs if null_text is None else {**kwargs, "null_text": null_text}
 
 
 _WORDS = {"softmax_tokens": "words"}
 _FRACTION = {"threshold_index": "fraction"}
 _COARSE = {"loss_res": (8,)}
 _LEVELS = {"loss_res": (8, 16)}
+_FAST_NULL = {"inner_steps": 5, "lr": 2e-2}
 _TABLE = (
     BenchMethod("ddim", "ddim", "DDIM inversion + P2P"),
     BenchMethod("nti", "nti", "null-text inversion + P2P"),
@@ -152,6 +161,26 @@ _TABLE = (
         "DPL (model defaults), each word kept off everything outside its own pixels, clusters"
         " two words cover split between them",
         {"leak_region": "others-split"},
+    ),
+    BenchMethod(
+        "nti-fast",
+        "nti",
+        "null-text inversion with 5 inner steps at twice the learning rate (speed option)",
+        null_switches=_FAST_NULL,
+    ),
+    BenchMethod(
+        "dpl-fast",
+        "dpl",
+        "DPL (model defaults) with the fast null text and token updates stopped when the loss"
+        " rises (speed options)",
+        {"stop_on_rise": True},
+        null_switches=_FAST_NULL,
+    ),
+    BenchMethod(
+        "dpl-rise",
+        "dpl",
+        "DPL (model defaults), token updates stopped when the loss rises (speed option)",
+        {"stop_on_rise": True},
     ),
     BenchMethod(
         "dpl-others-words",

@@ -212,9 +212,33 @@ def run_method(
 
 
 def method_config(model: LoadedModel, method: BenchMethod) -> dict[str, Any] | None:
-    """A method's DPL settings as stored JSON (None for non-DPL rows), for the resume check."""
+    """A method's settings as stored JSON, for the resume check: its DPL settings, plus its
+    null-text settings under "null_text" when it changes them; None for a plain row."""
     config = method.dpl_config(model)
-    return None if config is None else json.loads(json.dumps(asdict(config)))
+    stored = {} if config is None else asdict(config)
+    null_text = method.null_text()
+    if null_text is not None:
+        stored["null_text"] = asdict(null_text)
+    return json.loads(json.dumps(stored)) if stored or config is not None else None
+
+
+def _defaults() -> dict[str, Any]:
+    """What a setting missing from a stored config meant when it was stored: its default."""
+    from dpl_edit.dpl.losses import DplLossConfig
+
+    return {**json.loads(json.dumps(asdict(DplLossConfig()))), "null_text": None}
+
+
+def same_config(stored: dict[str, Any] | None, current: dict[str, Any] | None) -> bool:
+    """Whether a stored method config is the current one, reading a setting added since it was
+    stored as that setting's default (so adding an option does not redo finished runs)."""
+    if stored is None or current is None:
+        return stored == current
+    defaults = _defaults()
+    return all(
+        stored.get(key, defaults.get(key)) == current.get(key, defaults.get(key))
+        for key in stored.keys() | current.keys()
+    )
 
 
 class SceneStore:
@@ -351,7 +375,8 @@ def run_bench(
         todo = tuple(
             m
             for m in chosen
-            if m.name not in record["methods"] or stored.get(m.name) != configs[m.name]
+            if m.name not in record["methods"]
+            or not same_config(stored.get(m.name), configs[m.name])
         )
         if todo:
             tasks.append(SceneTask(scene, todo, settings))

@@ -238,6 +238,10 @@ class DplLossConfig:
     """The run length the thresholds' alphas were tuned for, used by `threshold_index`
     "fraction"."""
     max_inner_steps: int = 21
+    stop_on_rise: bool = False
+    """End a step's updates as soon as one raises the total loss, keeping the vectors from
+    before it. Not in the paper: where the thresholds are out of reach (late steps on the
+    bundled model) the updates only oscillate around a plateau, and this saves their cost."""
     lr: float = 1e-3
     weight_decay: float = 0.01
 

@@ -184,8 +184,9 @@ class TokenStage:
     Per step: a fresh AdamW (lr 1e-3, weight decay 0.01 by default) over a copy of the previous
     step's vectors; up to `max_inner_steps` times, a conditional-only UNet call on the current
     latent records the cross-attention at the loss resolution with gradient, the losses are
-    evaluated, and the loop stops as soon as they are all under their thresholds, else takes
-    one optimiser step. The original code's vocabulary growing and row restoring is replaced by
+    evaluated, and the loop stops as soon as they are all under their thresholds (or, with
+    `stop_on_rise`, as soon as an update raised the total loss, undoing it), else takes one
+    optimiser step. The original code's vocabulary growing and row restoring is replaced by
     optimising the vectors alone, which is the same update (docs/algorithm.md section 4.7).
     """
 
@@ -260,6 +261,7 @@ class TokenStage:
         )
         first: LossReport | None = None
         report: LossReport | None = None
+        before: tuple[torch.Tensor, LossReport] | None = None
         updates = 0
         with torch.enable_grad():
             for _ in range(self.config.max_inner_steps):
@@ -269,6 +271,13 @@ class TokenStage:
                 self._warn_if_background_skipped(report)
                 if report.satisfied:
                     break
+                if before is not None and float(report.total) > float(before[1].total):
+                    with torch.no_grad():
+                        vectors.copy_(before[0])
+                    report, updates = before[1], updates - 1
+                    break
+                if self.config.stop_on_rise:
+                    before = (vectors.detach().clone(), report)
                 optimizer.zero_grad()
                 with timed("backward"):
                     report.total.backward()
