@@ -26,6 +26,7 @@ from dpl_edit.engine.settings import (
     MODES,
     EditSettings,
     InversionSettings,
+    NullTextSettings,
 )
 from dpl_edit.errors import DplError, error_line
 
@@ -106,6 +107,9 @@ def _add_inversion_options(parser: argparse.ArgumentParser, one_image: bool = Tr
     _add_dpl_options(parser, one_image)
 
 
+_NULL = NullTextSettings()
+
+
 def _add_dpl_options(parser: argparse.ArgumentParser, one_image: bool = True) -> None:
     """DPL's options; a batch (`one_image` False) has no --bg-mask, a mask being per image."""
     group = parser.add_argument_group(
@@ -153,9 +157,17 @@ def _add_dpl_options(parser: argparse.ArgumentParser, one_image: bool = True) ->
                        "background in the cell (the paper code's dilated mask)")  # fmt: skip
     group.add_argument("--gaussian-formula", choices=["ae-quirk", "standard"],
                        help="balancing-loss smoothing: the paper code's (ae-quirk) or textbook")  # fmt: skip
-    group.add_argument("--null-text-original", action="store_true",
-                       help="the DPL code's null text: many steps from the empty prompt at "
-                       "every step, no early stop (unset: NTI's)")  # fmt: skip
+    group.add_argument("--stop-on-rise", action="store_true",
+                       help="end a step's token updates as soon as one raises the loss "
+                       "(faster; not in the paper)")  # fmt: skip
+    null = parser.add_argument_group("Null-text inversion (--method nti and dpl)")
+    null.add_argument("--null-text-original", action="store_true",
+                      help="the DPL code's null text: many steps from the empty prompt at "
+                      "every step, no early stop (unset: NTI's)")  # fmt: skip
+    null.add_argument("--null-steps", type=int, metavar="N",
+                      help=f"most null-text updates per step (default {_NULL.inner_steps})")  # fmt: skip
+    null.add_argument("--null-lr", type=float, metavar="LR",
+                      help=f"null-text learning rate at the first step (default {_NULL.lr})")  # fmt: skip
 
 
 _DPL_KNOBS = {
@@ -172,6 +184,8 @@ _DPL_KNOBS = {
 """CLI option -> `DplLossConfig` field, for the options that take a value."""
 _DPL_SWITCHES = {"no_at": "use_at", "no_dj": "use_dj", "no_thresholds": "use_thresholds"}
 """CLI flag -> the `DplLossConfig` switch it turns off."""
+_DPL_FLAGS = {"stop_on_rise": "stop_on_rise"}
+"""CLI flag -> the `DplLossConfig` switch it turns on."""
 
 
 def _dpl_config(args: argparse.Namespace, model) -> Any:
@@ -186,11 +200,31 @@ def _dpl_config(args: argparse.Namespace, model) -> Any:
     for flag, field in _DPL_SWITCHES.items():
         if getattr(args, flag):
             values[field] = False
+    for flag, field in _DPL_FLAGS.items():
+        if getattr(args, flag):
+            values[field] = True
     if "loss_res" in values:
         values["loss_res"] = tuple(values["loss_res"])
     if not values and not args.paper_settings:
         return None
     return replace(DplLossConfig() if args.paper_settings else default_config(model), **values)
+
+
+def _null_text(args: argparse.Namespace) -> NullTextSettings | None:
+    """Null-text settings when an option changes them, else None (invert's default)."""
+    from dpl_edit.dpl.stage import ORIGINAL_NULL_TEXT
+
+    changes = {"inner_steps": args.null_steps, "lr": args.null_lr}
+    changes = {field: value for field, value in changes.items() if value is not None}
+    if args.null_text_original:
+        if changes:
+            raise DplError("--null-text-original sets the null-text steps and rate itself")
+        return ORIGINAL_NULL_TEXT
+    if args.null_steps is not None and args.null_steps < 1:
+        raise DplError(f"--null-steps must be at least 1, got {args.null_steps}")
+    if args.null_lr is not None and not args.null_lr > 0:
+        raise DplError(f"--null-lr must be positive, got {args.null_lr}")
+    return replace(_NULL, **changes) if changes else None
 
 
 def _background(args: argparse.Namespace) -> Any:
@@ -252,7 +286,6 @@ def _load_model(args: argparse.Namespace):
 
 
 def _invert(args: argparse.Namespace, model, image) -> Any:
-    from dpl_edit.dpl.stage import ORIGINAL_NULL_TEXT
     from dpl_edit.engine.inversion import invert
 
     return invert(
@@ -263,7 +296,7 @@ def _invert(args: argparse.Namespace, model, image) -> Any:
         steps=args.steps,
         guidance=args.guidance,
         resize=args.resize,
-        null_text=ORIGINAL_NULL_TEXT if args.null_text_original else None,
+        null_text=_null_text(args),
         words=args.words,
         dpl_config=_dpl_config(args, model),
         background=_background(args),
@@ -495,7 +528,6 @@ def _run_batch(args: argparse.Namespace) -> Summary:
     from dpl_edit.batch.executors import require_ray
     from dpl_edit.batch.jobs import EditJob, JobDefaults, read_jobs
     from dpl_edit.batch.run import BatchSettings, check_job, run_batch
-    from dpl_edit.dpl.stage import ORIGINAL_NULL_TEXT
 
     if args.example_jobs:
         from dpl_edit.bench.world_set import export_jobs
@@ -512,7 +544,7 @@ def _run_batch(args: argparse.Namespace) -> Summary:
         guidance=args.guidance,
         seed=args.seed,
         resize=args.resize,
-        null_text=ORIGINAL_NULL_TEXT if args.null_text_original else None,
+        null_text=_null_text(args),
         dpl_config=_dpl_config(args, model),
         background=_background(args),
         no_bg=args.no_bg,

@@ -168,3 +168,14 @@ def test_threads_come_from_the_option_else_the_model(tiny_model_dir, image_file,
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_null_text_options_reach_the_inversion(tiny_model_dir, image_file, tmp_path, capsys):
+    argv = ["invert", str(image_file), "--prompt", "a cat and a dog", "--method", "nti"]
+    argv += ["--out", str(tmp_path / "inv"), "--model", str(tiny_model_dir), "--json", *FAST]
+    assert main([*argv, "--null-steps", "2", "--null-lr", "0.5"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["inner_steps"]["null_text"] and max(summary["inner_steps"]["null_text"]) <= 2
+    err = _error(capsys, [*argv, "--overwrite", "--null-text-original", "--null-steps", "3"])
+    assert "--null-text-original" in err
+    assert "--null-steps" in _error(capsys, [*argv, "--overwrite", "--null-steps", "0"])
