@@ -150,8 +150,8 @@ def _add_dpl_options(parser: argparse.ArgumentParser, one_image: bool = True) ->
     group.add_argument("--leak-region", choices=list(LEAK_REGIONS),
                        help="what the background loss keeps a word's map off: the estimated "
                        "background (paper), or everything outside the word's own clusters "
-                       "(background and the other words' objects); others-split first splits "
-                       "clusters that several words cover, pixel by pixel")  # fmt: skip
+                       "(background and the other words' objects); others-split first shares "
+                       "the clusters' pixels out, each to the word that attends most there")  # fmt: skip
     group.add_argument("--bg-resample", choices=["majority", "any"],
                        help="background mask at the loss level: area majority, or any "
                        "background in the cell (the paper code's dilated mask)")  # fmt: skip

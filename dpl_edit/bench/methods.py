@@ -158,8 +158,8 @@ _TABLE = (
     BenchMethod(
         "dpl-others-split",
         "dpl",
-        "DPL (model defaults), each word kept off everything outside its own pixels, clusters"
-        " two words cover split between them",
+        "DPL (model defaults), each word kept off everything outside its own pixels: the"
+        " clusters' pixels shared out by cross-attention",
         {"leak_region": "others-split"},
     ),
     BenchMethod(

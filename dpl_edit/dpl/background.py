@@ -153,27 +153,22 @@ def estimate_background(
 
 
 def split_shared_clusters(estimate: BackgroundEstimate) -> BackgroundEstimate:
-    """The estimate with every claimed cluster that several words cover split between them.
+    """The estimate with the claimed clusters' pixels shared out between the words.
 
     K-means often puts two nearby objects into one cluster, which one word claims while the
-    other claims none (measured in docs/benchmarks.md, issue 9 section 8); a word's own region
-    then holds both objects and the other word has none, so nothing ties either word to its
-    own object. Here a claimed cluster whose mean score exceeds the threshold for more than
-    one word is divided pixel by pixel: each pixel goes to the covering word whose normalised
-    cross-attention is highest there. Unclaimed clusters (the background) stay as they are.
+    other claims none (measured in docs/benchmarks.md, issue 9 section 8), or gives one word's
+    cluster part of another object; the word's own region then holds the other object too, so
+    nothing keeps it off that object. Here every pixel of a claimed cluster goes to the word
+    whose normalised cross-attention is highest there: the clusters still decide what is
+    object and what is background, the words' maps decide which object is whose. Unclaimed
+    clusters (the background) stay as they are.
     """
-    shared = estimate.cluster_scores > estimate.threshold  # [clusters, words]
-    masks = {word: mask.clone() for word, mask in estimate.word_masks.items()}
-    for cluster, owner in enumerate(estimate.cluster_owners):
-        covering = torch.nonzero(shared[cluster]).flatten()
-        if owner is None or len(covering) < 2:
-            continue
-        inside = estimate.clusters == cluster
-        scores = estimate.word_scores[covering]  # [covering, r, r]
-        pick = covering[scores.argmax(dim=0)]
-        for k, word in enumerate(estimate.words):
-            masks[word] &= ~inside
-            masks[word] |= inside & (pick == k)
+    claimed = torch.isin(
+        estimate.clusters,
+        torch.tensor([c for c, o in enumerate(estimate.cluster_owners) if o is not None]),
+    )
+    pick = estimate.word_scores.argmax(dim=0)  # [r, r]
+    masks = {word: claimed & (pick == k) for k, word in enumerate(estimate.words)}
     return replace(estimate, word_masks=masks)
 
 

@@ -39,9 +39,9 @@ LeakRegion = Literal["background", "others", "others-split"]
 """Where the background-leakage loss keeps a word's map off: the estimated background (the
 paper), or everything the word's own K-means clusters do not cover, i.e. the background *and*
 the other words' objects, which stops two words' maps from swapping objects. "others-split"
-is "others" after clusters that several words cover are split between them pixel by pixel
-(`dpl_edit.dpl.background.split_shared_clusters`), so that each word owns its own object even
-when K-means merged two objects into one cluster."""
+is "others" after the claimed clusters' pixels are shared out, each to the word whose
+cross-attention is highest there (`dpl_edit.dpl.background.split_shared_clusters`), so that
+each word owns its own object even when K-means merged two objects into one cluster."""
 
 
 _NORM_EPS = 1e-8
