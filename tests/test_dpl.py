@@ -216,6 +216,8 @@ def test_round_trip_with_masks(tiny_model, dpl_inversion, tmp_path):
     assert loaded.extras["dpl_trace"] == dpl_inversion.extras["dpl_trace"]
     assert loaded.timings == dpl_inversion.timings
     assert loaded.unet_evals == dpl_inversion.unet_evals
+    assert loaded.trajectory.shape == (STEPS + 1, *dpl_inversion.latents.shape[1:])
+    torch.testing.assert_close(loaded.trajectory, dpl_inversion.trajectory)
     for name in ("background", "word-cat", "word-dog"):
         image = loaded.extras[name]
         assert image.size == (tiny_model.resolution,) * 2

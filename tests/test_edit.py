@@ -77,6 +77,8 @@ def test_dynamic_tokens_are_used_in_both_branches(tiny_model, inversion):
     dog = table[tiny_model.tokenizer.convert_tokens_to_ids("dog</w>")]
     # The learned vector equal to the word's own embedding changes nothing ...
     inversion.dynamic_tokens = DynamicTokens(["dog"], [[5]], dog.expand(inversion.steps, 1, -1))
+    # Tokens swapped in after the inversion no longer match its stored source path: recompute.
+    trajectory, inversion.trajectory = inversion.trajectory, None
     try:
         same = edit(tiny_model, inversion, "a big dog and a lion", mode="refine", progress=False)
         inversion.dynamic_tokens = DynamicTokens(
@@ -86,6 +88,7 @@ def test_dynamic_tokens_are_used_in_both_branches(tiny_model, inversion):
     finally:
         inversion.dynamic_tokens = None
     plain = edit(tiny_model, inversion, "a big dog and a lion", mode="refine", progress=False)
+    inversion.trajectory = trajectory
     assert np.abs(_pixels(same.image) - _pixels(plain.image)).max() <= 1
     # ... a different one changes the source branch and the target (which also has "dog").
     assert np.abs(_pixels(moved.source) - _pixels(plain.source)).mean() > 0.5
@@ -116,3 +119,36 @@ def test_edit_refuses_an_inversion_of_another_model(tiny_model, inversion):
             edit(tiny_model, inversion, PROMPT, progress=False)
     finally:
         inversion.model_identity = tiny_model.identity
+
+
+def test_an_edit_retraces_the_stored_source_path_with_a_smaller_batch(
+    tiny_model, inversion, monkeypatch
+):
+    # The stored path is the guided replay of the inversion (computed independently here).
+    latent, _ = reconstruct(tiny_model, inversion)
+    torch.testing.assert_close(inversion.trajectory[-1:], latent.float(), atol=1e-5, rtol=0)
+    rows = []
+    predict = tiny_model.predict
+
+    def counting(latents, t, context):
+        rows.append(latents.shape[0])
+        return predict(latents, t, context)
+
+    monkeypatch.setattr(tiny_model, "predict", counting)
+    kwargs = {"blend": ["dog", "lion"], "reweight": {"lion": 2.0}, "progress": False}
+    retraced = edit(tiny_model, inversion, "a cat and a lion", **kwargs)
+    assert set(rows) == {3}  # target unconditional, source and target conditional
+    trajectory, inversion.trajectory = inversion.trajectory, None
+    try:
+        rows.clear()
+        recomputed = edit(tiny_model, inversion, "a cat and a lion", **kwargs)
+        assert set(rows) == {4}
+    finally:
+        inversion.trajectory = trajectory
+    torch.testing.assert_close(retraced.latents, recomputed.latents, atol=1e-4, rtol=0)
+    torch.testing.assert_close(retraced.attention, recomputed.attention, atol=1e-5, rtol=0)
+    torch.testing.assert_close(retraced.blend_mask, recomputed.blend_mask)
+    # Another guidance than the inversion's leaves the stored path: the source is recomputed.
+    rows.clear()
+    edit(tiny_model, inversion, "a cat and a lion", guidance=3.0, progress=False)
+    assert set(rows) == {4}

@@ -41,6 +41,11 @@ class Inversion:
     dynamic_tokens: DynamicTokens | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     """DPL traces: tensors (saved as safetensors), PIL images (PNG) or JSON values."""
+    trajectory: torch.Tensor | None = None
+    """[steps + 1, C, h, w]: the guided path null-text inversion reconstructs the image along,
+    noisiest first. An edit's source branch retraces exactly this path, so `edit` reads it
+    instead of recomputing the source's unconditional pass. None for DDIM inversions (their
+    guided replay is not fitted) and for folders saved before it was stored."""
 
     @property
     def steps(self) -> int:
@@ -57,6 +62,8 @@ class Inversion:
             "null_embeddings": self.null_embeddings,
             "attention": self.attention,
         }
+        if self.trajectory is not None:
+            tensors["trajectory"] = self.trajectory
         images, extras_json = {"source": self.image}, {}
         for key, value in self.extras.items():
             if isinstance(value, torch.Tensor):
@@ -122,4 +129,5 @@ class Inversion:
             unet_evals=meta["unet_evals"],
             dynamic_tokens=dynamic,
             extras=extras,
+            trajectory=tensors.get("trajectory"),
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -213,8 +214,17 @@ def controlled_attention(
         unet.set_attn_processor(original)
 
 
-def _select_rows(probs: torch.Tensor, rows: Sequence[int] | None) -> torch.Tensor:
-    return probs if rows is None else probs[list(rows)]
+Rows = Sequence[int] | Literal["conditional"] | None
+"""Which batch rows a recorder keeps: all (None), the listed ones, or "conditional": the
+batch's second half, where classifier-free guidance puts the conditional passes."""
+
+
+def _select_rows(probs: torch.Tensor, rows: Rows) -> torch.Tensor:
+    if rows is None:
+        return probs
+    if rows == "conditional":
+        return probs[probs.shape[0] // 2 :]
+    return probs[list(rows)]
 
 
 class CrossAttentionStore(AttentionController):
@@ -226,9 +236,7 @@ class CrossAttentionStore(AttentionController):
     Within a step, a later UNet call overwrites an earlier one layer by layer.
     """
 
-    def __init__(
-        self, resolutions: Sequence[int], rows: Sequence[int] | None = None, grad: bool = False
-    ) -> None:
+    def __init__(self, resolutions: Sequence[int], rows: Rows = None, grad: bool = False) -> None:
         self.resolutions = tuple(sorted(set(resolutions)))
         self.rows = rows
         self.grad = grad
@@ -274,7 +282,7 @@ class SelfAttentionStore(AttentionController):
     Background estimation clusters the rows of this [rows, res*res, res*res] matrix.
     """
 
-    def __init__(self, res: int, rows: Sequence[int] | None = None) -> None:
+    def __init__(self, res: int, rows: Rows = None) -> None:
         self.res = res
         self.rows = rows
         self._current: dict[str, torch.Tensor] = {}

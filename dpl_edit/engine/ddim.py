@@ -92,3 +92,27 @@ def denoise_step(
     context = torch.cat([null.expand(n, -1, -1), cond])
     uncond_output, cond_output = model.predict(torch.cat([latents, latents]), t, context).chunk(2)
     return ddim.guided_step(uncond_output, cond_output, guidance, t, latents)
+
+
+def denoise_beside_source(
+    model: LoadedModel,
+    ddim: Ddim,
+    source: torch.Tensor,
+    targets: torch.Tensor,
+    t: int,
+    null: torch.Tensor,
+    cond: torch.Tensor,
+    guidance: float,
+) -> torch.Tensor:
+    """One guided DDIM step for `targets` [n, C, h, w] when the source's own step is known.
+
+    A single UNet call on [targets with null..., source with cond[0], targets with cond[1:]]:
+    the source's conditional pass stays because its attention maps drive a Prompt-to-Prompt
+    edit, but its unconditional pass, needed only to move the source, is skipped. The
+    conditional rows are again the batch's second half from the source on, the layout the
+    edit controllers read. Returns the targets' next latents.
+    """
+    n = targets.shape[0]
+    context = torch.cat([null.expand(n, -1, -1), cond])
+    output = model.predict(torch.cat([targets, source, targets]), t, context)
+    return ddim.guided_step(output[:n], output[n + 1 :], guidance, t, targets)

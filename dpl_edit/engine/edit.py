@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from dpl_edit.engine.align import refinement_mapper, replacement_mapper
 from dpl_edit.engine.artifact import Inversion
 from dpl_edit.engine.attention import AttentionController, CrossAttentionStore, controlled_attention
-from dpl_edit.engine.ddim import Ddim, denoise_step
+from dpl_edit.engine.ddim import Ddim, denoise_beside_source, denoise_step
 from dpl_edit.engine.model import LoadedModel, same_model
 from dpl_edit.engine.p2p import (
     AttentionEdit,
@@ -187,7 +187,7 @@ def plan_edit(
     }
     controller = _build_controller(model, source, target, mode, reweight or {}, windows)
     resolutions = [model.defaults.cross_attention_res, model.defaults.blend_res]
-    store = CrossAttentionStore(resolutions, rows=[2, 3])
+    store = CrossAttentionStore(resolutions, rows="conditional")
     local_blend = None
     if blend:
         local_blend = _blend(
@@ -247,13 +247,24 @@ def edit(
 
     ddim = Ddim(model.scheduler, steps)
     latents = inversion.latents[-1:].to(model.device, model.dtype).expand(2, -1, -1, -1)
+    # At the inversion's own guidance the source branch retraces the stored path, so only the
+    # source's attention (its conditional pass) is computed, not its unconditional one.
+    path = inversion.trajectory if guidance == inversion.guidance else None
+    if path is not None:
+        path = path.to(model.device, model.dtype)
     cache: dict[str, torch.Tensor] = {}
     with controlled_attention(model.unet, controllers) as chain:
         for i, t in enumerate(tqdm(ddim.timesteps, desc="editing", disable=not progress)):
             cond = step_embeddings(model, [source, target], inversion.dynamic_tokens, i, cache)
             null = inversion.null_embeddings[i : i + 1].to(model.device, model.dtype)
             chain.begin_step(i)
-            latents = denoise_step(model, ddim, latents, t, null, cond, guidance)
+            if path is None:
+                latents = denoise_step(model, ddim, latents, t, null, cond, guidance)
+            else:
+                targets = denoise_beside_source(
+                    model, ddim, path[i : i + 1], latents[1:], t, null, cond, guidance
+                )
+                latents = torch.cat([path[i + 1 : i + 2], targets])
             chain.end_step()
             if local_blend is not None:
                 latents = local_blend(latents, i)

@@ -110,7 +110,7 @@ def invert(
     evals["ddim_inversion"] = model.unet_evals - evals_before
 
     extras: dict[str, Any] = {}
-    dynamic_tokens = None
+    dynamic_tokens, trajectory = None, None
     if method == "ddim":
         nulls = uncond.expand(steps, -1, -1)
         attention = store.average(model.defaults.cross_attention_res)[0]
@@ -126,6 +126,7 @@ def invert(
         timings["null_text"] = time.perf_counter() - start
         evals["null_text"] = model.unet_evals - evals_before
         nulls, attention = result.null_embeddings, result.attention
+        trajectory = result.trajectory.float().cpu()
         extras.update(null_inner_steps=result.inner_steps, null_losses=result.losses)
         if stage is not None:
             # The token stage ran inside the null-text loop: report the two apart.
@@ -160,6 +161,7 @@ def invert(
         unet_evals=evals,
         dynamic_tokens=dynamic_tokens,
         extras=extras,
+        trajectory=trajectory,
     )
 
 

@@ -103,13 +103,15 @@ def optimize_null(
 
 @dataclass
 class NullTextResult:
-    """Per step: the fitted null embeddings, inner steps taken and last losses; and the
-    time-averaged conditional cross-attention [res, res, text_len] of the guided trajectory."""
+    """Per step: the fitted null embeddings, inner steps taken and last losses; the
+    time-averaged conditional cross-attention [res, res, text_len] of the guided trajectory,
+    and that trajectory [steps + 1, C, h, w] itself, noisiest latent first."""
 
     null_embeddings: torch.Tensor
     attention: torch.Tensor
     inner_steps: list[int]
     losses: list[float]
+    trajectory: torch.Tensor
 
 
 def null_text_inversion(
@@ -132,7 +134,7 @@ def null_text_inversion(
     steps = len(ddim.timesteps)
     store = CrossAttentionStore([model.defaults.cross_attention_res])
     latent, null = latents[-1:], uncond
-    nulls, inner_steps, losses = [], [], []
+    nulls, inner_steps, losses, path = [], [], [], [latent]
     # The stage and the null text alternate at every step, so one bar counts both.
     desc = "null-text inversion" if stage is None else "token learning + null-text inversion"
     bar = tqdm(total=steps * settings.inner_steps, desc=desc, disable=not progress)
@@ -153,7 +155,12 @@ def null_text_inversion(
         with torch.no_grad():
             uncond_output = model.predict(latent, t, null.to(model.dtype))
             latent = ddim.guided_step(uncond_output, cond_output, guidance, t, latent)
+        path.append(latent)
     bar.close()
     return NullTextResult(
-        torch.stack(nulls), store.average(store.resolutions[0])[0], inner_steps, losses
+        torch.stack(nulls),
+        store.average(store.resolutions[0])[0],
+        inner_steps,
+        losses,
+        torch.cat(path),
     )
