@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dpl_edit.engine.artifact import Inversion
-from dpl_edit.engine.inversion import invert, reconstruct
+from dpl_edit.engine.inversion import invert, reconstruct, reconstruction_image
 from dpl_edit.engine.settings import NullTextSettings
 from dpl_edit.engine.text import DynamicTokens
 from dpl_edit.errors import DplError
@@ -187,3 +187,12 @@ def test_half_precision_inverts_learns_tokens_and_edits(tiny_model_dir, tiny_mod
     result = edit(half, dpl, "a cat and a lion", progress=False)
     assert np.isfinite(np.asarray(result.image, dtype=np.float64)).all()
     assert result.latents.isfinite().all()
+
+
+def test_the_reconstruction_image_is_the_stored_path_decoded_or_a_replay(tiny_model, inversions):
+    assert inversions["ddim"].trajectory is None  # DDIM has no fitted guided path
+    inversion = copy.copy(inversions["nti"])
+    stored = np.asarray(reconstruction_image(tiny_model, inversion), dtype=np.float64)
+    inversion.trajectory = None  # as for a folder saved before paths were stored
+    replayed = np.asarray(reconstruction_image(tiny_model, inversion), dtype=np.float64)
+    assert np.abs(stored - replayed).max() <= 1

@@ -32,7 +32,7 @@ from dpl_edit.bench.world_set import world_scene
 from dpl_edit.dpl.losses import DplLossConfig
 from dpl_edit.engine.artifact import Inversion
 from dpl_edit.engine.edit import edit
-from dpl_edit.engine.inversion import invert, reconstruct
+from dpl_edit.engine.inversion import invert, reconstruction_image
 from dpl_edit.engine.model import LoadedModel, load_model, use_threads
 from dpl_edit.engine.timers import collect
 from dpl_edit.errors import DplError
@@ -73,7 +73,7 @@ def _timed_inversion(
     start = time.perf_counter()
     inversion = invert(model, image, prompt, method=method, steps=steps, progress=False)
     seconds = time.perf_counter() - start
-    _, rebuilt = reconstruct(model, inversion)
+    rebuilt = reconstruction_image(model, inversion)
     quality = psnr(np.asarray(inversion.image), np.asarray(rebuilt))
     evals = sum(inversion.unet_evals.values())
     return inversion, Timing(

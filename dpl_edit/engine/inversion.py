@@ -178,3 +178,12 @@ def reconstruct(
         null = inversion.null_embeddings[i : i + 1].to(model.device, model.dtype)
         latent = denoise_step(model, ddim, latent, t, null, cond, inversion.guidance)
     return latent, model.decode_latents(latent)[0]
+
+
+@torch.no_grad()
+def reconstruction_image(model: LoadedModel, inversion: Inversion) -> Image.Image:
+    """The inversion's reconstruction of its image: the end of the stored guided path, decoded,
+    or (for DDIM inversions and older folders, which store none) a replay with `reconstruct`."""
+    if inversion.trajectory is None:
+        return reconstruct(model, inversion)[1]
+    return model.decode_latents(inversion.trajectory[-1:].to(model.device, model.dtype))[0]

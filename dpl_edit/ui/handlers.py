@@ -27,7 +27,7 @@ from dpl_edit.bench.world_set import world_scene
 from dpl_edit.dpl.stage import choose_words
 from dpl_edit.engine.artifact import Inversion
 from dpl_edit.engine.edit import edit
-from dpl_edit.engine.inversion import invert, reconstruct
+from dpl_edit.engine.inversion import invert, reconstruction_image
 from dpl_edit.engine.model import LoadedModel
 from dpl_edit.engine.settings import EditSettings, InversionSettings
 from dpl_edit.engine.text import bare_word
@@ -212,7 +212,7 @@ def invert_input(
         source_file = save_png(image, folder / "source.png")
     reconstructions, scores = [], {}
     for method, inversion in inversions.items():
-        _, picture = reconstruct(model, inversion)
+        picture = reconstruction_image(model, inversion)
         reconstructions.append((f"{method.upper()} reconstruction", picture))
         scores[method] = psnr(np.asarray(inversion.image), np.asarray(picture))
     first = next(iter(inversions.values()))
