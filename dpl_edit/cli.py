@@ -21,6 +21,7 @@ from dpl_edit import __version__
 from dpl_edit.engine.settings import (
     DEVICES,
     DTYPES,
+    LEAK_MEASURES,
     LEAK_REGIONS,
     METHODS,
     MODES,
@@ -152,6 +153,9 @@ def _add_dpl_options(parser: argparse.ArgumentParser, one_image: bool = True) ->
                        "background (paper), or everything outside the word's own clusters "
                        "(background and the other words' objects); others-split first shares "
                        "the clusters' pixels out, each to the word that attends most there")  # fmt: skip
+    group.add_argument("--leak-measure", choices=list(LEAK_MEASURES),
+                       help="how the background loss scores a word map against its region: "
+                       "cosine similarity (paper) or the share of the map's mass inside it")  # fmt: skip
     group.add_argument("--bg-resample", choices=["majority", "any"],
                        help="background mask at the loss level: area majority, or any "
                        "background in the cell (the paper code's dilated mask)")  # fmt: skip
@@ -180,6 +184,7 @@ _DPL_KNOBS = {
     "loss_res": "loss_res",
     "threshold_index": "threshold_index",
     "leak_region": "leak_region",
+    "leak_measure": "leak_measure",
 }
 """CLI option -> `DplLossConfig` field, for the options that take a value."""
 _DPL_SWITCHES = {"no_at": "use_at", "no_dj": "use_dj", "no_thresholds": "use_thresholds"}

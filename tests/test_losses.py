@@ -312,6 +312,28 @@ class TestBackground:
         got = background_loss(torch.from_numpy(maps), [[1], [2, 4]], torch.from_numpy(masks))
         assert got.item() == pytest.approx(want, abs=1e-12)
 
+    def test_mass_measure_is_the_share_of_each_word_map_inside_its_mask(self):
+        maps = random_maps(4, 7, seed=10)
+        masks = np.zeros((2, 4, 4), dtype=bool)
+        masks[0, :, :2] = True
+        masks[1, 3, :] = True
+        words = [maps[:, :, 1], maps[:, :, 2] + maps[:, :, 4]]
+        want = np.mean([w[m].sum() / w.sum() for w, m in zip(words, masks, strict=True)])
+        got = background_loss(
+            torch.from_numpy(maps), [[1], [2, 4]], torch.from_numpy(masks), measure="mass"
+        )
+        assert got.item() == pytest.approx(want, abs=1e-12)
+
+    def test_cosine_barely_sees_a_peak_inside_a_large_region_and_mass_does(self):
+        """Why the mass measure exists: a map peaked on one cell of a 15-cell region."""
+        maps = np.zeros((4, 4, 3))
+        maps[2, 2, 1] = 1.0
+        region = np.ones((4, 4), dtype=bool)
+        region[0, 0] = False  # the word's own cell
+        args = (torch.from_numpy(maps), [[1]], torch.from_numpy(region))
+        assert background_loss(*args).item() == pytest.approx(1 / np.sqrt(15))
+        assert background_loss(*args, measure="mass").item() == pytest.approx(1.0)
+
     def test_per_word_masks_must_match_the_words(self):
         maps = torch.from_numpy(random_maps(4, 6, seed=8))
         with pytest.raises(ValueError, match="3 word masks for 2 words"):

@@ -163,6 +163,13 @@ _TABLE = (
         {"leak_region": "others-split"},
     ),
     BenchMethod(
+        "dpl-others-mass",
+        "dpl",
+        "DPL (model defaults), each word's share of attention mass outside its own clusters as"
+        " the background loss",
+        {"leak_measure": "mass"},
+    ),
+    BenchMethod(
         "nti-fast",
         "nti",
         "null-text inversion with 5 inner steps at twice the learning rate (speed option)",

@@ -23,7 +23,7 @@ from dpl_edit.dpl.word_maps import (
     combine_token_maps,
     word_maps,
 )
-from dpl_edit.engine.settings import LEAK_REGIONS
+from dpl_edit.engine.settings import LEAK_MEASURES, LEAK_REGIONS
 from dpl_edit.errors import DplError
 
 GaussianFormula = Literal["ae-quirk", "standard"]
@@ -32,6 +32,11 @@ SoftmaxTokens = Literal["paper", "words"]
 """Which text positions compete in the balancing loss's sharpened softmax: "paper" is every
 position but the first and the last (the authors' code), "words" the prompt's own tokens only
 (Attend-and-Excite's convention), which leaves out end-of-text and padding."""
+LeakMeasure = Literal["cosine", "mass"]
+"""How the background loss scores a word map against the region it should stay out of: the
+paper's cosine similarity, or the share of the map's mass inside the region. A cosine with a
+large region is small for *any* peaked map, wherever the peak is, so it barely resists a word
+moving onto another object; the mass share is exactly the leakage it should prevent."""
 ThresholdIndex = Literal["step", "fraction"]
 """How Eq. 10's thresholds are indexed: by the step number, or by the fraction of the schedule
 done, mapped onto a `schedule_steps`-step run (so that 10 steps follow the 50-step schedule)."""
@@ -173,9 +178,13 @@ def disjoint_loss(maps: torch.Tensor, word_token_groups: WordTokenGroups) -> tor
 
 
 def background_loss(
-    maps: torch.Tensor, word_token_groups: WordTokenGroups, bg_mask: torch.Tensor | None
+    maps: torch.Tensor,
+    word_token_groups: WordTokenGroups,
+    bg_mask: torch.Tensor | None,
+    measure: LeakMeasure = "cosine",
 ) -> torch.Tensor | None:
-    """Background-leakage loss L_bg: mean over words of cosine(raw word map, background mask).
+    """Background-leakage loss L_bg: mean over words of cosine(raw word map, background mask),
+    or with `measure` "mass" the share of the word map's mass inside the mask.
 
     `bg_mask` is a bool [res, res] map at the maps' resolution (True = background), or one such
     map per word [words, res, res] when each word has its own region to stay out of
@@ -190,11 +199,13 @@ def background_loss(
         raise ValueError(
             f"background mask {tuple(bg_mask.shape)} does not match maps {tuple(maps.shape[:2])}"
         )
-    unit_words = _unit_rows(word_maps(maps, word_token_groups).flatten(1))
-    if bg_mask.ndim == 3 and bg_mask.shape[0] != unit_words.shape[0]:
-        raise ValueError(f"{bg_mask.shape[0]} word masks for {unit_words.shape[0]} words")
-    unit_masks = _unit_rows(bg_mask.reshape(-1, unit_words.shape[1]).to(unit_words))
-    return (unit_words * unit_masks).sum(dim=1).mean()
+    words = word_maps(maps, word_token_groups).flatten(1)
+    if bg_mask.ndim == 3 and bg_mask.shape[0] != words.shape[0]:
+        raise ValueError(f"{bg_mask.shape[0]} word masks for {words.shape[0]} words")
+    masks = bg_mask.reshape(-1, words.shape[1]).to(words)
+    if measure == "mass":
+        return ((words * masks).sum(dim=1) / words.sum(dim=1).clamp_min(_NORM_EPS)).mean()
+    return (_unit_rows(words) * _unit_rows(masks)).sum(dim=1).mean()
 
 
 @dataclass(frozen=True)
@@ -234,6 +245,7 @@ class DplLossConfig:
     level (the one maps are reported at). With several, each loss is the mean over levels."""
     threshold_index: ThresholdIndex = "step"
     leak_region: LeakRegion = "background"
+    leak_measure: LeakMeasure = "cosine"
     schedule_steps: int = 50
     """The run length the thresholds' alphas were tuned for, used by `threshold_index`
     "fraction"."""
@@ -268,6 +280,10 @@ class DplLossConfig:
         if self.leak_region not in LEAK_REGIONS:
             raise DplError(
                 f"unknown leakage region {self.leak_region!r}; use {', '.join(LEAK_REGIONS)}"
+            )
+        if self.leak_measure not in LEAK_MEASURES:
+            raise DplError(
+                f"unknown leak measure {self.leak_measure!r}; use {', '.join(LEAK_MEASURES)}"
             )
         if self.schedule_steps < 1:
             raise DplError(f"schedule_steps must be >= 1, got {self.schedule_steps}")
@@ -414,7 +430,7 @@ def evaluate_losses(
     if wants_bg:
         bg = _level_mean(
             [
-                background_loss(level, word_token_groups, mask)
+                background_loss(level, word_token_groups, mask, config.leak_measure)
                 for level, mask in zip(levels, masks, strict=True)
             ]
         )

@@ -15,6 +15,8 @@ MODES = ("replace", "refine")
 """Prompt-to-Prompt edit modes: word swap, and refinement (words added or removed)."""
 LEAK_REGIONS = ("background", "others", "others-split")
 """DPL's leakage regions (`dpl_edit.dpl.losses.LeakRegion` says what each keeps a word off)."""
+LEAK_MEASURES = ("cosine", "mass")
+"""How DPL's background loss scores a map against its region (`dpl_edit.dpl.losses.LeakMeasure`)."""
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = "cpu, cuda, cuda:N, mps or auto"
 
