@@ -26,8 +26,9 @@ def test_report_lists_every_timing_and_share():
         "scene": "val-000", "prompt": "a", "target": "b", "steps": 2, "threads": 1,
         "timings": [{"name": "NTI inversion", "seconds": 2.0, "unet_evals": 10, "note": ""}],
         "dpl_over_nti": 1.5,
+        "fast_dpl_over_fast_nti": 1.25,
         "profile": {"total": 4.0, "unet forward": 1.0, "backward": 3.0},
     }  # fmt: skip
     text = speed.report(record)
     assert "| NTI inversion | 2.00 | 10 |" in text
-    assert "| backward | 3.00 | 75% |" in text and "1.50x" in text
+    assert "| backward | 3.00 | 75% |" in text and "1.50x" in text and "1.25x" in text

@@ -1,8 +1,9 @@
 """The speed benchmark: what a user waits for, measured side by side in one run, and why.
 
 On one built-in scene: loading the model, a first call (warm-up), NTI inversion, DPL inversion
-(the model's DPL defaults), an edit from a saved DPL inversion, and `dpl run` end to end in a
-fresh process, each with its UNet passes. Then one more DPL inversion, timed by the engine's
+(the model's DPL defaults), an edit from a saved DPL inversion, `dpl run` end to end in a
+fresh process, and NTI and DPL inversions with the speed options (bench rows `nti-fast`,
+`dpl-fast`), each with its UNet passes. Then one more DPL inversion, timed by the engine's
 labelled timers (`dpl_edit.engine.timers`), split into UNet forward passes (with the attention hooks inside them shown apart), backward
 passes, optimiser steps, DPL's loss code, text encoding and the rest (Python, DDIM updates,
 K-means), so the next person knows where the time goes.
@@ -22,11 +23,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from dpl_edit.bench.methods import METHODS
 from dpl_edit.bench.scenes import load_rgb
 from dpl_edit.bench.world_set import world_scene
 from dpl_edit.dpl.losses import DplLossConfig
@@ -62,22 +65,32 @@ class Timing:
     note: str = ""
 
 
-def _scene_image(split: str, index: int) -> tuple[Image.Image, str, str]:
+SPEED_OPTIONS = ("nti-fast", "dpl-fast")
+"""Benchmark rows (`dpl_edit.bench.methods`) with the speed options, timed beside the defaults."""
+
+
+def _scene_image(split: str, index: int) -> tuple[Image.Image, str, str, list[str]]:
     scene = world_scene(split, index)
-    return Image.fromarray(load_rgb(scene.image)), scene.source, scene.target
+    return Image.fromarray(load_rgb(scene.image)), scene.source, scene.target, list(scene.masks)
 
 
 def _timed_inversion(
-    model: LoadedModel, image: Image.Image, prompt: str, method: str, steps: int
+    model: LoadedModel,
+    image: Image.Image,
+    prompt: str,
+    method: str,
+    steps: int,
+    label: str | None = None,
+    **options: Any,
 ) -> tuple[Inversion, Timing]:
     start = time.perf_counter()
-    inversion = invert(model, image, prompt, method=method, steps=steps, progress=False)
+    inversion = invert(model, image, prompt, method=method, steps=steps, progress=False, **options)
     seconds = time.perf_counter() - start
     rebuilt = reconstruction_image(model, inversion)
     quality = psnr(np.asarray(inversion.image), np.asarray(rebuilt))
     evals = sum(inversion.unet_evals.values())
     return inversion, Timing(
-        f"{method.upper()} inversion", seconds, evals, f"PSNR {quality:.1f} dB"
+        label or f"{method.upper()} inversion", seconds, evals, f"PSNR {quality:.1f} dB"
     )
 
 
@@ -123,7 +136,7 @@ def profile_inversion(
 
 def run_speed(steps: int, split: str, index: int, threads: int | None, work: Path) -> dict:
     """Every measurement of the benchmark, in the order a user meets them."""
-    image, prompt, target = _scene_image(split, index)
+    image, prompt, target, nouns = _scene_image(split, index)
     timings: list[Timing] = []
     start = time.perf_counter()
     model = load_model()
@@ -144,6 +157,15 @@ def run_speed(steps: int, split: str, index: int, threads: int | None, work: Pat
                result.unet_evals["edit"])
     )  # fmt: skip
     timings.append(_dpl_run(image, prompt, target, steps, work))
+    fast = {}
+    for name in SPEED_OPTIONS:
+        method = METHODS[name]
+        _, fast[name] = _timed_inversion(
+            model, image, prompt, method.inversion, steps,
+            f"{method.inversion.upper()} inversion with the speed options (`{name}`)",
+            **method.invert_kwargs(model, nouns),
+        )  # fmt: skip
+    timings += list(fast.values())
     return {
         "steps": steps,
         "scene": f"{split}-{index:03d}",
@@ -152,6 +174,7 @@ def run_speed(steps: int, split: str, index: int, threads: int | None, work: Pat
         "threads": torch.get_num_threads(),
         "timings": [asdict(t) for t in timings],
         "dpl_over_nti": dpl.seconds / nti.seconds,
+        "fast_dpl_over_fast_nti": fast["dpl-fast"].seconds / fast["nti-fast"].seconds,
         "profile": profile_inversion(model, image, prompt, steps),
     }
 
@@ -170,7 +193,8 @@ def report(record: dict) -> str:
         lines.append(f"| {t['name']} | {t['seconds']:.2f} | {evals} | {t['note']} |")
     lines += [
         "",
-        f"DPL inversion / NTI inversion: {record['dpl_over_nti']:.2f}x",
+        f"DPL inversion / NTI inversion: {record['dpl_over_nti']:.2f}x (defaults), "
+        f"{record['fast_dpl_over_fast_nti']:.2f}x (both with the speed options)",
         "",
         "Where one DPL inversion's time goes (the engine's timers):",
         "",
