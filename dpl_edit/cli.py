@@ -21,6 +21,7 @@ from dpl_edit import __version__
 from dpl_edit.engine.settings import (
     DEVICES,
     DTYPES,
+    FAST_NULL_TEXT,
     LEAK_MEASURES,
     LEAK_REGIONS,
     METHODS,
@@ -164,6 +165,10 @@ def _add_dpl_options(parser: argparse.ArgumentParser, one_image: bool = True) ->
     group.add_argument("--stop-on-rise", action="store_true",
                        help="end a step's token updates as soon as one raises the loss "
                        "(faster; not in the paper)")  # fmt: skip
+    parser.add_argument("--fast", action="store_true",
+                        help=f"the speed options: null text {FAST_NULL_TEXT.inner_steps} steps "
+                        f"at rate {FAST_NULL_TEXT.lr} and, for DPL, --stop-on-rise (measured "
+                        "in docs/benchmarks.md)")  # fmt: skip
     null = parser.add_argument_group("Null-text inversion (--method nti and dpl)")
     null.add_argument("--null-text-original", action="store_true",
                       help="the DPL code's null text: many steps from the empty prompt at "
@@ -193,7 +198,7 @@ _DPL_FLAGS = {"stop_on_rise": "stop_on_rise"}
 """CLI flag -> the `DplLossConfig` switch it turns on."""
 
 
-def _dpl_config(args: argparse.Namespace, model) -> Any:
+def _dpl_config(args: argparse.Namespace, model, any_method: bool = False) -> Any:
     """DPL's settings: the model's defaults (or the paper's, with --paper-settings) with the
     options given on top, or None when none was (so that `invert` can refuse them for another
     method instead of ignoring them)."""
@@ -208,6 +213,9 @@ def _dpl_config(args: argparse.Namespace, model) -> Any:
     for flag, field in _DPL_FLAGS.items():
         if getattr(args, flag):
             values[field] = True
+    # --fast applies to DPL inversions only; a batch's settings reach only its DPL jobs.
+    if args.fast and (any_method or args.method == "dpl"):
+        values["stop_on_rise"] = True
     if "loss_res" in values:
         values["loss_res"] = tuple(values["loss_res"])
     if not values and not args.paper_settings:
@@ -222,14 +230,15 @@ def _null_text(args: argparse.Namespace) -> NullTextSettings | None:
     changes = {"inner_steps": args.null_steps, "lr": args.null_lr}
     changes = {field: value for field, value in changes.items() if value is not None}
     if args.null_text_original:
-        if changes:
+        if changes or args.fast:
             raise DplError("--null-text-original sets the null-text steps and rate itself")
         return ORIGINAL_NULL_TEXT
     if args.null_steps is not None and args.null_steps < 1:
         raise DplError(f"--null-steps must be at least 1, got {args.null_steps}")
     if args.null_lr is not None and not args.null_lr > 0:
         raise DplError(f"--null-lr must be positive, got {args.null_lr}")
-    return replace(_NULL, **changes) if changes else None
+    base = FAST_NULL_TEXT if args.fast else _NULL
+    return replace(base, **changes) if changes or args.fast else None
 
 
 def _background(args: argparse.Namespace) -> Any:
@@ -550,7 +559,7 @@ def _run_batch(args: argparse.Namespace) -> Summary:
         seed=args.seed,
         resize=args.resize,
         null_text=_null_text(args),
-        dpl_config=_dpl_config(args, model),
+        dpl_config=_dpl_config(args, model, any_method=True),
         background=_background(args),
         no_bg=args.no_bg,
     )

@@ -179,3 +179,23 @@ def test_null_text_options_reach_the_inversion(tiny_model_dir, image_file, tmp_p
     err = _error(capsys, [*argv, "--overwrite", "--null-text-original", "--null-steps", "3"])
     assert "--null-text-original" in err
     assert "--null-steps" in _error(capsys, [*argv, "--overwrite", "--null-steps", "0"])
+    assert "--null-text-original" in _error(
+        capsys, [*argv, "--overwrite", "--null-text-original", "--fast"]
+    )
+
+
+def test_fast_sets_the_null_text_and_dpl_speed_options(tiny_model_dir, image_file, tmp_path):
+    from dpl_edit.engine.artifact import Inversion
+    from dpl_edit.engine.settings import FAST_NULL_TEXT
+
+    argv = ["invert", str(image_file), "--prompt", "a cat and a dog", "--words", "cat", "dog"]
+    argv += ["--model", str(tiny_model_dir), "--fast", *FAST]
+    assert main([*argv, "--out", str(tmp_path / "dpl")]) == 0
+    settings = Inversion.load(tmp_path / "dpl").settings
+    assert settings["null_text"]["inner_steps"] == FAST_NULL_TEXT.inner_steps
+    assert settings["null_text"]["lr"] == FAST_NULL_TEXT.lr
+    assert settings["dpl"]["losses"]["stop_on_rise"] is True
+    # With NTI, --fast is the null text alone (no DPL settings to refuse).
+    nti = [a for a in argv if a not in ("--words", "cat", "dog")] + ["--method", "nti"]
+    assert main([*nti, "--out", str(tmp_path / "nti")]) == 0
+    assert Inversion.load(tmp_path / "nti").settings["null_text"]["inner_steps"] == 5

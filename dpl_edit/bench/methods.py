@@ -8,10 +8,15 @@ the runner never special-cases a method by name.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-from dpl_edit.engine.settings import EditSettings, InversionSettings, NullTextSettings
+from dpl_edit.engine.settings import (
+    FAST_NULL_TEXT,
+    EditSettings,
+    InversionSettings,
+    NullTextSettings,
+)
 from dpl_edit.errors import DplError
 
 
@@ -60,7 +65,7 @@ _WORDS = {"softmax_tokens": "words"}
 _FRACTION = {"threshold_index": "fraction"}
 _COARSE = {"loss_res": (8,)}
 _LEVELS = {"loss_res": (8, 16)}
-_FAST_NULL = {"inner_steps": 5, "lr": 2e-2}
+_FAST_NULL = asdict(FAST_NULL_TEXT)
 _TABLE = (
     BenchMethod("ddim", "ddim", "DDIM inversion + P2P"),
     BenchMethod("nti", "nti", "null-text inversion + P2P"),

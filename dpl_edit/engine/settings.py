@@ -45,6 +45,13 @@ class NullTextSettings:
     warm_start: bool = True
 
 
+FAST_NULL_TEXT = NullTextSettings(inner_steps=5, lr=2e-2)
+"""The speed options' null text (`--fast`, bench rows `nti-fast`/`dpl-fast`): half NTI's inner
+steps at twice its rate. Its updates move the null text by about the same distance (Adam's
+steps have a fixed size, and the loss falls almost linearly over the 10 steps); on the
+validation split it reconstructs and localises as NTI does (docs/benchmarks.md)."""
+
+
 @dataclass(frozen=True)
 class EditSettings:
     """Defaults of `edit`: P2P's word swap with its notebook's injection windows and blending."""
