@@ -271,7 +271,7 @@ class TokenStage:
                 self._warn_if_background_skipped(report)
                 if report.satisfied:
                     break
-                if before is not None and float(report.total) > float(before[1].total):
+                if before is not None and report.total.item() > before[1].total.item():
                     with torch.no_grad():
                         vectors.copy_(before[0])
                     report, updates = before[1], updates - 1
