@@ -14,7 +14,7 @@ from dpl_edit.dpl.background import (
     estimate_background,
     leak_regions,
     load_mask_png,
-    split_shared_clusters,
+    share_out_clusters,
 )
 from dpl_edit.errors import DplError
 
@@ -115,7 +115,7 @@ def test_a_cluster_two_words_cover_is_split_between_them_pixel_by_pixel():
     # K-means merged them: one word claims both objects, the other claims nothing.
     owned = {word: merged.word_masks[word].numpy() for word in ("cat", "dog")}
     assert sorted(mask.sum() for mask in owned.values()) == [0, 16]
-    split = split_shared_clusters(merged)
+    split = share_out_clusters(merged)
     np.testing.assert_array_equal(split.word_masks["cat"].numpy(), region == 3)
     np.testing.assert_array_equal(split.word_masks["dog"].numpy(), region == 4)
     # A cluster only one word covers, and the background, are left as they were.

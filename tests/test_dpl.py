@@ -276,11 +276,13 @@ def test_user_mask_and_no_background(tiny_model, tmp_path, caplog):
         _invert(tiny_model, words=["dog"], dpl_config=others, bg_mask=tmp_path / "bg.png")
 
 
-def test_leak_region_others_scores_each_word_against_its_own_region(tiny_model):
+@pytest.mark.parametrize("region", ["others", "others-split"])
+def test_leak_region_others_scores_each_word_against_its_own_region(tiny_model, region):
     """The first recorded background loss equals the loss recomputed from a separate UNet call
-    with each word's region built from the masks the inversion saved."""
+    with each word's region built from the masks the inversion saved (for "others-split" the
+    saved masks are the shared-out ones, so the same check covers it)."""
     config = dataclasses.replace(
-        FORCED, leak_region="others", use_at=False, use_dj=False, max_inner_steps=1
+        FORCED, leak_region=region, use_at=False, use_dj=False, max_inner_steps=1
     )
     inversion = _invert(tiny_model, words=["cat", "dog"], dpl_config=config)
     res = tiny_model.defaults.cross_attention_res

@@ -41,8 +41,8 @@ class BackgroundEstimate:
     `word_masks` has one bool [r, r] mask per word, in `words` order, all False for a word that
     claimed no cluster. `background` is the bool [r, r] union of unclaimed clusters, or None when
     every pixel was claimed (the background loss must then be skipped). `word_scores`
-    [words, r, r] are the normalised cross-attention maps the clusters were labelled with, and
-    `threshold` the score a word needed to claim a cluster; `split_shared_clusters` reads both.
+    [words, r, r] are the normalised cross-attention maps the clusters were labelled with
+    (`share_out_clusters` reads them).
     """
 
     words: tuple[str, ...]
@@ -52,7 +52,6 @@ class BackgroundEstimate:
     word_masks: dict[str, torch.Tensor]
     background: torch.Tensor | None
     word_scores: torch.Tensor
-    threshold: float
 
 
 def _resize_maps(maps: torch.Tensor, res: int) -> torch.Tensor:
@@ -148,11 +147,10 @@ def estimate_background(
         word_masks={word: union(word) for word in words},
         background=background if bool(background.any()) else None,
         word_scores=normalised.reshape(len(words), res, res).float(),
-        threshold=threshold,
     )
 
 
-def split_shared_clusters(estimate: BackgroundEstimate) -> BackgroundEstimate:
+def share_out_clusters(estimate: BackgroundEstimate) -> BackgroundEstimate:
     """The estimate with the claimed clusters' pixels shared out between the words.
 
     K-means often puts two nearby objects into one cluster, which one word claims while the

@@ -45,7 +45,7 @@ LeakRegion = Literal["background", "others", "others-split"]
 paper), or everything the word's own K-means clusters do not cover, i.e. the background *and*
 the other words' objects, which stops two words' maps from swapping objects. "others-split"
 is "others" after the claimed clusters' pixels are shared out, each to the word whose
-cross-attention is highest there (`dpl_edit.dpl.background.split_shared_clusters`), so that
+cross-attention is highest there (`dpl_edit.dpl.background.share_out_clusters`), so that
 each word owns its own object even when K-means merged two objects into one cluster."""
 
 

@@ -34,7 +34,7 @@ from dpl_edit.dpl.background import (
     load_mask_png,
     mask_image,
     mask_images,
-    split_shared_clusters,
+    share_out_clusters,
 )
 from dpl_edit.dpl.losses import DplLossConfig, LossReport, evaluate_losses
 from dpl_edit.engine.attention import (
@@ -391,7 +391,7 @@ class DplPlan:
         elif self.self_store is not None:
             estimate = self._estimate(cross_maps)
             if self.config.leak_region == "others-split":
-                estimate = split_shared_clusters(estimate)
+                estimate = share_out_clusters(estimate)
             self.masks = mask_images(estimate, size)
             if estimate.background is None:
                 self.bg_source = "estimated: none found"
