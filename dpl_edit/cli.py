@@ -113,7 +113,8 @@ _NULL = NullTextSettings()
 
 
 def _add_dpl_options(parser: argparse.ArgumentParser, one_image: bool = True) -> None:
-    """DPL's options; a batch (`one_image` False) has no --bg-mask, a mask being per image."""
+    """DPL's options, the null text's (shared by NTI and DPL) and --fast, which sets both; a
+    batch (`one_image` False) has no --bg-mask, a mask being per image."""
     group = parser.add_argument_group(
         "Dynamic Prompt Learning (--method dpl)",
         "Unset options keep the model's DPL settings (dpl_defaults.json), else the paper's.",

@@ -214,12 +214,13 @@ def run_method(
 def method_config(model: LoadedModel, method: BenchMethod) -> dict[str, Any] | None:
     """A method's settings as stored JSON, for the resume check: its DPL settings, plus its
     null-text settings under "null_text" when it changes them; None for a plain row."""
-    config = method.dpl_config(model)
+    config, null_text = method.dpl_config(model), method.null_text()
+    if config is None and null_text is None:
+        return None
     stored = {} if config is None else asdict(config)
-    null_text = method.null_text()
     if null_text is not None:
         stored["null_text"] = asdict(null_text)
-    return json.loads(json.dumps(stored)) if stored or config is not None else None
+    return json.loads(json.dumps(stored))
 
 
 def _defaults() -> dict[str, Any]:

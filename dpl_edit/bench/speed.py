@@ -4,9 +4,10 @@ On one built-in scene: loading the model, a first call (warm-up), NTI inversion,
 (the model's DPL defaults), an edit from a saved DPL inversion, `dpl run` end to end in a
 fresh process, and NTI and DPL inversions with the speed options (bench rows `nti-fast`,
 `dpl-fast`), each with its UNet passes. Then one more DPL inversion, timed by the engine's
-labelled timers (`dpl_edit.engine.timers`), split into UNet forward passes (with the attention hooks inside them shown apart), backward
-passes, optimiser steps, DPL's loss code, text encoding and the rest (Python, DDIM updates,
-K-means), so the next person knows where the time goes.
+labelled timers (`dpl_edit.engine.timers`), split into UNet forward passes (with the attention
+hooks inside them shown apart), backward passes, optimiser steps, DPL's loss code, text
+encoding and the rest (Python, DDIM updates, K-means), so the next person knows where the time
+goes.
 
     python -m dpl_edit.bench.speed --steps 50 --out docs/bench/speed
 """

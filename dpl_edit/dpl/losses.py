@@ -188,9 +188,9 @@ def background_loss(
 
     `bg_mask` is a bool [res, res] map at the maps' resolution (True = background), or one such
     map per word [words, res, res] when each word has its own region to stay out of
-    (`leak_region` "others" or "others-split"). Returns None when there is nothing to leak into (no mask, or only
-    empty ones): the loss is then undefined rather than 0, and the caller decides how to report
-    skipping it.
+    (`leak_region` "others" or "others-split"). Returns None when there is nothing to leak
+    into (no mask, or only empty ones): the loss is then undefined rather than 0, and the
+    caller decides how to report skipping it.
     """
     if bg_mask is None or not bool(bg_mask.any()):
         return None

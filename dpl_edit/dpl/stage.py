@@ -359,8 +359,8 @@ class DplPlan:
         wants_bg = config.use_bg and config.lambda_bg > 0
         if wants_bg and bg_mask is not None and config.leak_region != "background":
             raise DplError(
-                f"the leakage region {config.leak_region!r} needs the estimated word clusters; it cannot be "
-                "used with a background mask file"
+                f"the leakage region {config.leak_region!r} needs the estimated word clusters; "
+                "it cannot be used with a background mask file"
             )
         user_mask, self_store, source = None, None, "off"
         if wants_bg and bg_mask is not None:

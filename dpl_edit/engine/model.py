@@ -58,8 +58,8 @@ class ModelDefaults:
     none; kept as pairs so the defaults stay hashable. Empty: the paper's settings."""
     threads: int | None = None
     """CPU threads this model runs fastest on, when measured (the bundled model's small layers
-    run faster on one thread than on two); `use_threads` applies it for the `dpl` commands unless told otherwise.
-    None: torch's choice."""
+    run faster on one thread than on two); `use_threads` applies it for the `dpl` commands
+    unless told otherwise. None: torch's choice."""
 
     @classmethod
     def for_latent_size(cls, latent_size: int) -> ModelDefaults:
