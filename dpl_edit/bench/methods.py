@@ -175,6 +175,13 @@ _TABLE = (
         {"leak_measure": "mass"},
     ),
     BenchMethod(
+        "dpl-split-mass",
+        "dpl",
+        "DPL (model defaults), each word's share of attention mass outside its own pixels (the"
+        " clusters' pixels shared out by cross-attention) as the background loss",
+        {"leak_region": "others-split", "leak_measure": "mass"},
+    ),
+    BenchMethod(
         "nti-fast",
         "nti",
         "null-text inversion with 5 inner steps at twice the learning rate (speed option)",
