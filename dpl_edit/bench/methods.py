@@ -182,6 +182,12 @@ _TABLE = (
         {"leak_region": "others-split", "leak_measure": "mass"},
     ),
     BenchMethod(
+        "dpl-split-mass-nodj",
+        "dpl",
+        "DPL (model defaults) with dpl-split-mass's background loss and no disjoint-object loss",
+        {"leak_region": "others-split", "leak_measure": "mass", "use_dj": False},
+    ),
+    BenchMethod(
         "nti-fast",
         "nti",
         "null-text inversion with 5 inner steps at twice the learning rate (speed option)",
