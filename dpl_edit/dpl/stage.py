@@ -389,7 +389,7 @@ class DplPlan:
             self.masks = {"background": mask_image(self.user_mask, size)}
             background = self.user_mask
         elif self.self_store is not None:
-            estimate = self._estimate(cross_maps)
+            estimate = self.estimate(cross_maps)
             if self.config.leak_region == "others-split":
                 estimate = share_out_clusters(estimate)
             self.masks = mask_images(estimate, size)
@@ -406,7 +406,11 @@ class DplPlan:
             self.model, self.prompt, self.words, self.groups, masks, self.config, total_steps
         )
 
-    def _estimate(self, cross_maps: torch.Tensor) -> BackgroundEstimate:
+    def estimate(self, cross_maps: torch.Tensor) -> BackgroundEstimate:
+        """The K-means estimate of the words' regions and the background, from the DDIM
+        inversion's self-attention (recorded by `inversion_controllers`) and `cross_maps`."""
+        if self.self_store is None:
+            raise DplError("no background estimate: the background loss is off or uses a file")
         settings = self.background
         return estimate_background(
             self.self_store.average()[0],
