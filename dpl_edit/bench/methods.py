@@ -66,6 +66,8 @@ _FRACTION = {"threshold_index": "fraction"}
 _COARSE = {"loss_res": (8,)}
 _LEVELS = {"loss_res": (8, 16)}
 _FAST_NULL = asdict(FAST_NULL_TEXT)
+_OWN_MASS = {"leak_region": "others-split", "leak_measure": "mass", "use_dj": False}
+"""Each word's share of attention mass outside its own cells as the only leakage loss."""
 _TABLE = (
     BenchMethod("ddim", "ddim", "DDIM inversion + P2P"),
     BenchMethod("nti", "nti", "null-text inversion + P2P"),
@@ -185,7 +187,21 @@ _TABLE = (
         "dpl-split-mass-nodj",
         "dpl",
         "DPL (model defaults) with dpl-split-mass's background loss and no disjoint-object loss",
-        {"leak_region": "others-split", "leak_measure": "mass", "use_dj": False},
+        _OWN_MASS,
+    ),
+    BenchMethod(
+        "dpl-own-mass-d05",
+        "dpl",
+        "dpl-split-mass-nodj with each learned vector kept within half its embedding's norm of"
+        " it (max_drift 0.5)",
+        {**_OWN_MASS, "max_drift": 0.5},
+    ),
+    BenchMethod(
+        "dpl-own-mass-d10",
+        "dpl",
+        "dpl-split-mass-nodj with each learned vector kept within its embedding's norm of it"
+        " (max_drift 1)",
+        {**_OWN_MASS, "max_drift": 1.0},
     ),
     BenchMethod(
         "nti-fast",

@@ -256,6 +256,12 @@ class DplLossConfig:
     bundled model) the updates only oscillate around a plateau, and this saves their cost."""
     lr: float = 1e-3
     weight_decay: float = 0.01
+    max_drift: float | None = None
+    """Largest distance of a learned vector from its word's own embedding, as a fraction of
+    that embedding's norm: after every update a vector further out is pulled back onto that
+    sphere. None (the paper) leaves them free. Not in the paper: vectors that carry over 50
+    steps of updates end up twice their own norm away, where the word means something else
+    to the text encoder, and an edit that changes a neighbouring word then breaks."""
 
     def __post_init__(self) -> None:
         """Fail at configuration time, naming the option, rather than mid-inversion."""
@@ -265,6 +271,8 @@ class DplLossConfig:
         for name in ("alpha_at", "alpha_dj", "alpha_bg", "softmax_temp", "smooth_sigma", "lr"):
             if not getattr(self, name) > 0:
                 raise DplError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_drift is not None and not self.max_drift > 0:
+            raise DplError(f"max_drift must be > 0 (or None), got {self.max_drift}")
         if self.max_inner_steps < 0:
             raise DplError(f"max_inner_steps must be >= 0, got {self.max_inner_steps}")
         if self.gaussian_formula not in ("ae-quirk", "standard"):

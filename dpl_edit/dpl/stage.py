@@ -213,7 +213,8 @@ class TokenStage:
         self.config = config
         self.total_steps = total_steps
         self.n_prompt_tokens = len(prompt_tokens(model.tokenizer, prompt)) - 2
-        self.vectors = initial_vectors(model, words).to(model.device)
+        self.initial = initial_vectors(model, words).to(model.device)
+        self.vectors = self.initial.clone()
         self.steps: list[torch.Tensor] = []
         self.trace: list[dict[str, Any]] = []
         self.seconds = 0.0
@@ -283,6 +284,8 @@ class TokenStage:
                     report.total.backward()
                 with timed("optimiser"):
                     optimizer.step()
+                    if self.config.max_drift is not None:
+                        self._pull_back(vectors)
                 updates += 1
         self.vectors = vectors.detach()
         self.steps.append(self.vectors.cpu())
@@ -299,6 +302,15 @@ class TokenStage:
         self.seconds += time.perf_counter() - start
         self.unet_evals += self.model.unet_evals - evals_before
         return cond
+
+    @torch.no_grad()
+    def _pull_back(self, vectors: torch.Tensor) -> None:
+        """Put every row further than `max_drift` x its own norm from its initial embedding
+        back onto that sphere (`DplLossConfig.max_drift`)."""
+        offset = vectors - self.initial
+        radius = self.config.max_drift * self.initial.norm(dim=-1, keepdim=True)
+        scale = (radius / offset.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+        vectors.copy_(self.initial + offset * scale)
 
     def _warn_if_background_skipped(self, report: LossReport) -> None:
         if report.bg_skipped and not self._warned:
