@@ -158,6 +158,9 @@ def _add_dpl_options(parser: argparse.ArgumentParser, one_image: bool = True) ->
     group.add_argument("--leak-measure", choices=list(LEAK_MEASURES),
                        help="how the background loss scores a word map against its region: "
                        "cosine similarity (paper) or the share of the map's mass inside it")  # fmt: skip
+    group.add_argument("--max-drift", type=_drift, metavar="F",
+                       help="keep each learned vector within F times its word embedding's norm "
+                       "of that embedding ('none': unbounded, as in the paper)")  # fmt: skip
     group.add_argument("--bg-resample", choices=["majority", "any"],
                        help="background mask at the loss level: area majority, or any "
                        "background in the cell (the paper code's dilated mask)")  # fmt: skip
@@ -191,12 +194,29 @@ _DPL_KNOBS = {
     "threshold_index": "threshold_index",
     "leak_region": "leak_region",
     "leak_measure": "leak_measure",
+    "max_drift": "max_drift",
 }
 """CLI option -> `DplLossConfig` field, for the options that take a value."""
 _DPL_SWITCHES = {"no_at": "use_at", "no_dj": "use_dj", "no_thresholds": "use_thresholds"}
 """CLI flag -> the `DplLossConfig` switch it turns off."""
 _DPL_FLAGS = {"stop_on_rise": "stop_on_rise"}
 """CLI flag -> the `DplLossConfig` switch it turns on."""
+
+
+_UNBOUNDED = "none"
+
+
+def _drift(text: str) -> float | str:
+    """--max-drift's value: a positive number, or 'none' for unbounded vectors."""
+    if text.strip().lower() == _UNBOUNDED:
+        return _UNBOUNDED
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number or 'none', got {text}")
+    return value
 
 
 def _dpl_config(args: argparse.Namespace, model, any_method: bool = False) -> Any:
@@ -219,6 +239,8 @@ def _dpl_config(args: argparse.Namespace, model, any_method: bool = False) -> An
         values["stop_on_rise"] = True
     if "loss_res" in values:
         values["loss_res"] = tuple(values["loss_res"])
+    if values.get("max_drift") == _UNBOUNDED:
+        values["max_drift"] = None
     if not values and not args.paper_settings:
         return None
     return replace(DplLossConfig() if args.paper_settings else default_config(model), **values)

@@ -474,3 +474,26 @@ def test_stop_on_rise_undoes_the_update_that_raised_the_loss(tiny_model, distanc
     else:
         torch.testing.assert_close(vectors, results[False][1])
         assert updates == 4
+
+
+@pytest.mark.parametrize("max_drift", [None, 0.5, 1e6])
+def test_max_drift_pulls_vectors_back_onto_the_sphere_around_their_embedding(tiny_model, max_drift):
+    # One AdamW step without weight decay moves every coordinate by exactly lr towards the
+    # target; a bound keeps that direction but cuts the offset to max_drift x the row's norm.
+    groups = word_token_groups(tiny_model, PROMPT, ["cat"])
+    config = dataclasses.replace(
+        FORCED, lr=1.0, weight_decay=0.0, max_inner_steps=1, max_drift=max_drift
+    )
+    stage = _Quadratic(tiny_model, PROMPT, ["cat"], groups, [None], config, STEPS)
+    start = stage.vectors.clone()
+    stage.target = start + 10.0
+    stage(0, 500, torch.zeros(1))
+    step = torch.ones_like(start)  # lr 1 in every coordinate
+    if max_drift == 0.5:
+        step = step / step.norm(dim=-1, keepdim=True) * 0.5 * start.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(stage.vectors, start + step)
+
+
+def test_max_drift_must_be_positive():
+    with pytest.raises(DplError, match="max_drift"):
+        DplLossConfig(max_drift=0.0)
