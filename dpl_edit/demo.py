@@ -5,7 +5,8 @@ Renders "a red circle and a blue square on a white background" with its exact id
 null-text inversion (NTI) and once with Dynamic Prompt Learning (DPL, the default), each followed
 by the same Prompt-to-Prompt word swap. `demo.png` puts source, reconstruction, both edits and
 the ideal edit in one row, and under it the edited word's attention map under NTI and under DPL:
-the point of the project is that DPL's map stays on its object, so its edit does too.
+the point of the project is that DPL's map stays on its object, so its edit does too. Each
+map's caption gives the share of its mass outside the object, as the benchmark measures it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dpl_edit.engine.artifact import Inversion
 from dpl_edit.engine.settings import InversionSettings
 from dpl_edit.io.images import save_png
 from dpl_edit.io.pictures import overlay, panel, word_maps
+from dpl_edit.metrics import leakage
 from dpl_edit.world import synthetic as world
 
 SCENE = world.Scene(
@@ -62,21 +64,25 @@ def main(argv: list[str] | None = None) -> int:
         ("DPL edit", Image.open(args.out / "dpl.png")),
         ("ideal edit", Image.open(ideal_path)),
     ]
-    maps = [
-        (f"'{EDITED}' under {m.upper()}", _word_overlay(args.out / f"{m}_inversion"))
-        for m in METHODS
-    ]
+    maps = []
+    for method in METHODS:
+        heat, outside = _word_overlay(args.out / f"{method}_inversion", source.masks)
+        maps.append((f"'{EDITED}' under {method.upper()}: {outside:.0%} outside it", heat))
     summary = panel(images, args.out / "demo.png", maps)
     print(f"demo picture: {summary}")
     return 0
 
 
-def _word_overlay(folder: Path) -> Image.Image:
-    """The edited word's time-averaged attention over the source, from a saved inversion."""
+def _word_overlay(folder: Path, masks: dict[str, np.ndarray]) -> tuple[Image.Image, float]:
+    """The edited word's time-averaged attention over the source, from a saved inversion, and
+    the share of it outside the word's object (the benchmark's leakage, from the exact masks)."""
     inversion = Inversion.load(folder)
     words = [(w, p) for w, p in inversion.words if w.strip(".,").lower() == EDITED]
     heat = word_maps(inversion.attention, words)[0]
-    return Image.fromarray(np.uint8(np.rint(overlay(inversion.image, heat) * 255)))
+    own = masks[EDITED]
+    others = np.logical_or.reduce([m for word, m in masks.items() if word != EDITED]) & ~own
+    outside = leakage(heat, own, others, ~(own | others)).outside
+    return Image.fromarray(np.uint8(np.rint(overlay(inversion.image, heat) * 255))), outside
 
 
 if __name__ == "__main__":
