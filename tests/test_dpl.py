@@ -21,6 +21,7 @@ from dpl_edit.dpl.stage import (
     ORIGINAL_NULL_TEXT,
     BackgroundSettings,
     TokenStage,
+    default_config,
     word_token_groups,
 )
 from dpl_edit.engine.artifact import Inversion
@@ -497,3 +498,25 @@ def test_max_drift_pulls_vectors_back_onto_the_sphere_around_their_embedding(tin
 def test_max_drift_must_be_positive():
     with pytest.raises(DplError, match="max_drift"):
         DplLossConfig(max_drift=0.0)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, 0.5), ("0.3", 0.3), ("none", None)])
+def test_cli_max_drift_overrides_the_models_bound(tiny_model_dir, tmp_path, value, expected):
+    from dpl_edit.cli import _dpl_config, build_parser
+
+    model = _model_with_dpl_defaults(tiny_model_dir, tmp_path, {"max_drift": 0.5})
+    argv = ["invert", "in.png", "--prompt", PROMPT, "--out", "out", "--method", "dpl"]
+    args = build_parser().parse_args(argv + ([] if value is None else ["--max-drift", value]))
+    config = _dpl_config(args, model)
+    assert (config or default_config(model)).max_drift == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "wide"])
+def test_cli_max_drift_refuses_what_is_not_a_positive_number(value, capsys):
+    from dpl_edit.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["invert", "in.png", "--prompt", PROMPT, "--out", "o",
+                                   "--max-drift", value])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "--max-drift" in capsys.readouterr().err
