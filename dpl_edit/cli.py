@@ -95,7 +95,8 @@ def _add_common(
 
 def _add_model_options(group: argparse._ActionsContainer) -> None:
     """Which model to load, and where: every command that loads one (`dpl ui` too)."""
-    group.add_argument("--model", help="diffusers SD folder (default: $DPL_MODEL, then bundled)")
+    group.add_argument("--model", help="diffusers SD folder, bundled model name (world, "
+                       "world-sink) or cached hub id (default: $DPL_MODEL, then world)")  # fmt: skip
     group.add_argument("--device", default="auto", help=f"{DEVICES} (default: %(default)s)")
     group.add_argument("--dtype", default=DTYPES[0], choices=DTYPES, help="(default: %(default)s)")
 
@@ -679,6 +680,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unet-steps", type=int, help="UNet steps (total, resumable)")
     parser.add_argument("--decoder-steps", type=int, help="decoder fine-tuning steps")
     parser.add_argument("--attn-guide-weight", type=float, help="weak attention hint (0 = off)")
+    parser.add_argument("--sink-weight", type=float,
+                        help="weight of the term that makes the start token the attention sink, "
+                        "as in Stable Diffusion (0 = off)")  # fmt: skip
+    parser.add_argument("--ema-decay", type=float,
+                        help="decay of the exported EMA weights (the recipe's: 0.999)")  # fmt: skip
     parser.add_argument("--lr-decay-from", type=int, metavar="STEP",
                         help="cosine-decay the UNet/text learning rate from STEP to its floor at "
                         "the last step")  # fmt: skip
@@ -696,7 +702,8 @@ def _run_train(args: argparse.Namespace) -> Summary:
     from dpl_edit.world.training.run import TrainRequest, train
 
     fields = {"run", "out", "seed", "threads", "vae_steps", "unet_steps", "decoder_steps"}
-    fields |= {"attn_guide_weight", "lr_decay_from", "resume_from", "export_only"}
+    fields |= {"attn_guide_weight", "sink_weight", "ema_decay", "lr_decay_from", "resume_from"}
+    fields.add("export_only")
     model = train(TrainRequest(**{name: getattr(args, name) for name in fields}))
     return _summary({"model": model, "run": args.run}, {}, {})
 

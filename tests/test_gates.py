@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from dpl_edit.engine.model import BUNDLED_MODEL, load_model
+from dpl_edit.engine.model import BUNDLED_MODELS, bundled_model_names, load_model
 from dpl_edit.world import gates
 
 RESULTS = {
@@ -49,20 +49,21 @@ def test_training_summary_names_a_continued_run_and_its_decay():
     assert "Continued" not in plain and "cosine" not in plain
 
 
-@pytest.mark.skipif(not (BUNDLED_MODEL / "gates.json").exists(), reason="no bundled model")
-def test_shipped_card_states_the_measured_gates():
-    measured = json.loads((BUNDLED_MODEL / "gates.json").read_text())
-    card = (BUNDLED_MODEL / "README.md").read_text()
+@pytest.mark.parametrize("name", bundled_model_names())
+def test_shipped_card_states_the_measured_gates(name):
+    folder = BUNDLED_MODELS / name
+    measured = json.loads((folder / "gates.json").read_text())
+    card = (folder / "README.md").read_text()
     for key, fmt in (("vae_psnr", ".2f"), ("generation_rate", ".3f"), ("nti_psnr", ".2f")):
         assert format(measured[key], fmt) in card, key
     assert format(measured["attention_iou"], ".3f") in card
-    steps = json.loads((BUNDLED_MODEL / "dpl_defaults.json").read_text())["training"]
+    steps = json.loads((folder / "dpl_defaults.json").read_text())["training"]
     assert re.search(rf"{steps['unet_steps']} steps of batch", card)
 
 
-@pytest.mark.skipif(not (BUNDLED_MODEL / "gates.json").exists(), reason="no bundled model")
-def test_vae_gate_on_a_few_held_out_scenes():
-    value = gates.vae_psnr(load_model(), count=8, batch=8)
+@pytest.mark.parametrize("name", bundled_model_names())
+def test_vae_gate_on_a_few_held_out_scenes(name):
+    value = gates.vae_psnr(load_model(name), count=8, batch=8)
     assert value >= 28.0  # the full gate (500 scenes) is 30 dB; 8 scenes vary more
 
 

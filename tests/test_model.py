@@ -92,6 +92,18 @@ def test_env_var_and_bundled_fallback(tiny_model_dir, monkeypatch):
         load_model()
 
 
+def test_bundled_models_are_addressed_by_name(tiny_model_dir, tmp_path, monkeypatch):
+    shelf = tmp_path / "models"
+    shelf.mkdir()
+    (shelf / "world-x").symlink_to(tiny_model_dir, target_is_directory=True)
+    (shelf / "not-a-model").mkdir()  # a folder without model_index.json is no model
+    monkeypatch.setattr("dpl_edit.engine.model.BUNDLED_MODELS", shelf)
+    monkeypatch.chdir(tmp_path)  # no local folder called world-x
+    assert load_model("world-x").identity.startswith("world-x@")
+    with pytest.raises(DplError, match=r"bundled model \(world-x\)"):
+        load_model("not-a-model")
+
+
 @pytest.mark.parametrize("bad", ["not-a-folder-xyz/model", "missing_components"])
 def test_not_an_sd_model(bad, tmp_path):
     if bad == "missing_components":

@@ -47,3 +47,13 @@ def test_card_section_only_when_measured(tmp_path, tiny_model):
     write_json(tmp_path / MASS_FILE, {"scenes": 1, "steps": 1, "shares": table})
     section = mass_section(tmp_path)
     assert f"| all | all | {table['all']['start']:.3f} |" in section
+
+
+@pytest.mark.parametrize(("start", "says"), [(0.92, "sink here too"), (0.06, "competes with")])
+def test_card_says_whether_the_start_token_is_the_sink(tmp_path, start, says):
+    from dpl_edit.bench.report import write_json
+
+    row = {"res": 0, "start": start, "words": (1 - start) / 2, "end_padding": (1 - start) / 2}
+    write_json(tmp_path / MASS_FILE, {"scenes": 1, "steps": 1, "shares": {"all": row}})
+    section = mass_section(tmp_path)
+    assert says in section and f"takes {start:.0%}" in section

@@ -7,6 +7,7 @@ diffusers folder that `load_model` accepts.
 
 import json
 import math
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,9 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from dpl_edit.cli import main
+from dpl_edit.engine.attention import attention_layers, controlled_attention
 from dpl_edit.engine.model import load_model
-from dpl_edit.world.training.data import TrainConfig
-from dpl_edit.world.training.unet import lr_factor
+from dpl_edit.world.training.data import TEXT_LEN, TrainConfig, build_components
+from dpl_edit.world.training.unet import StartTokenShare, lr_factor, sink_guide
 
 
 def test_warmup_ramps_linearly_from_the_fresh_optimiser_step():
@@ -118,6 +120,51 @@ def test_resume_from_a_shipped_model_warms_up_a_fresh_optimiser(tiny_runs, tmp_p
     assert not torch.equal(continued, shipped)
 
 
+def test_sink_guide_is_a_hinge_per_layer():
+    shares = [torch.tensor(0.95), torch.tensor(0.5), torch.tensor(0.9)]
+    assert sink_guide(shares, 0.9).item() == pytest.approx((0 + 0.4 + 0) / 3)
+
+
+def test_sink_term_moves_attention_onto_the_start_token():
+    cfg = TrainConfig(unet_widths=(32, 32, 32), text_width=32)
+    _, tokenizer, text_encoder, unet = build_components(cfg)
+    ids = tokenizer(["a red circle", ""], padding="max_length", max_length=TEXT_LEN,
+                    return_tensors="pt").input_ids  # fmt: skip
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500, 500])
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.SGD(params, lr=0.5)
+    n_cross = sum(layer.is_cross for layer in attention_layers(unet).values())
+    means = []
+    for _ in range(3):
+        share = StartTokenShare()
+        with controlled_attention(unet, [share]):
+            unet(latents, t, text_encoder(ids).last_hidden_state)
+        assert len(share.shares) == n_cross  # one share per cross-attention layer
+        means.append(torch.stack(share.shares).mean().item())
+        opt.zero_grad()
+        sink_guide(share.shares, 0.9).backward()
+        opt.step()
+    assert means[0] < means[1] < means[2]
+
+
+def test_fine_tune_records_its_settings_and_keeps_the_hand_set_defaults(tiny_runs, tmp_path):
+    source = tmp_path / "shipped"
+    shutil.copytree(tiny_runs / "model_a", source)
+    defaults = json.loads((source / "dpl_defaults.json").read_text())
+    defaults |= {"dpl": {"max_drift": 0.5}, "threads": 1}
+    (source / "dpl_defaults.json").write_text(json.dumps(defaults))
+    run, out = tmp_path / "run", tmp_path / "variant"
+    args = ["train-world", "--run", str(run), "--out", str(out), "--unet-steps", "3"]
+    args += ["--resume-from", str(source), "--sink-weight", "0.5", "--ema-decay", "0.9"]
+    assert main(args) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["sink_weight"], cfg["ema_decay"]) == (0.5, 0.9)
+    exported = json.loads((out / "dpl_defaults.json").read_text())
+    assert (exported["dpl"], exported["threads"]) == ({"max_drift": 0.5}, 1)
+    assert exported["training"]["config"]["sink_weight"] == 0.5
+
+
 def test_cli_prints_a_json_summary(tiny_runs, capsys):
     run, out = tiny_runs / "a", tiny_runs / "exported"
     assert (
@@ -135,6 +182,8 @@ def test_cli_prints_a_json_summary(tiny_runs, capsys):
         (["--resume-from", "{tmp}/nowhere"], "not a world model folder"),
         (["--export-only"], "holds no UNet checkpoint"),
         (["--unet-steps", "-1"], "unet steps must be >= 0"),
+        (["--sink-weight", "-1"], "sink weight must be >= 0"),
+        (["--ema-decay", "1"], "EMA decay must be in [0, 1)"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, message):

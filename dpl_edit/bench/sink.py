@@ -28,7 +28,7 @@ from dpl_edit.engine.attention import (
     attention_layers,
 )
 from dpl_edit.engine.ddim import Ddim
-from dpl_edit.engine.model import LoadedModel, load_model
+from dpl_edit.engine.model import LoadedModel, load_model, model_folder
 from dpl_edit.engine.null_text import ddim_inversion
 from dpl_edit.engine.text import encode_text, prompt_tokens
 from dpl_edit.errors import DplError
@@ -145,9 +145,16 @@ def mass_section(folder: Path) -> str:
         " end-of-text plus padding. In Stable Diffusion 1.x the start token is the sink"
         " (0.9-0.99 of the mass at every layer, as measured by others); in this model it"
         f" takes {overall['start']:.0%}, and end-of-text plus padding take"
-        f" {overall['end_padding']:.0%}. DPL's balancing loss (the paper's softmax over every"
-        " position but the first and last) therefore competes with end-of-text and padding"
-        ' here, which is why the word-only softmax (`softmax_tokens` "words") exists.',
+        f" {overall['end_padding']:.0%}. "
+        + (
+            "The start token is the sink here too, so DPL's balancing loss (the paper's"
+            " softmax over every position but the first and last) meets the competition it"
+            " meets in Stable Diffusion."
+            if overall["start"] >= 0.5
+            else "DPL's balancing loss (the paper's softmax over every position but the first"
+            " and last) therefore competes with end-of-text and padding here, which is why"
+            ' the word-only softmax (`softmax_tokens` "words") exists.'
+        ),
         "",
         *markdown_table(record["shares"]),
         "",
@@ -160,7 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dpl_edit.bench.world_set import world_scene
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="model folder to measure and annotate")
+    parser.add_argument(
+        "--model", required=True, help="model folder or bundled model name to measure and annotate"
+    )
     parser.add_argument("--scenes", type=int, default=16, help="validation scenes (default 16)")
     parser.add_argument("--steps", type=int, default=10, help="DDIM inversion steps (default 10)")
     args = parser.parse_args(argv)
@@ -172,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DplError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    write_json(Path(args.model) / MASS_FILE, {"scenes": args.scenes, "steps": args.steps,
+    write_json(model_folder(args.model)[0] / MASS_FILE, {"scenes": args.scenes, "steps": args.steps,
                                               "shares": table})  # fmt: skip
     print("\n".join(markdown_table(table)))
     print(json.dumps(table["all"]))

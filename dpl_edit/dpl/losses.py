@@ -23,7 +23,7 @@ from dpl_edit.dpl.word_maps import (
     combine_token_maps,
     word_maps,
 )
-from dpl_edit.engine.settings import LEAK_MEASURES, LEAK_REGIONS
+from dpl_edit.engine.settings import LEAK_MEASURES, LEAK_REGIONS, LeakMeasure, LeakRegion
 from dpl_edit.errors import DplError
 
 GaussianFormula = Literal["ae-quirk", "standard"]
@@ -32,22 +32,9 @@ SoftmaxTokens = Literal["paper", "words"]
 """Which text positions compete in the balancing loss's sharpened softmax: "paper" is every
 position but the first and the last (the authors' code), "words" the prompt's own tokens only
 (Attend-and-Excite's convention), which leaves out end-of-text and padding."""
-LeakMeasure = Literal["cosine", "mass"]
-"""How the background loss scores a word map against the region it should stay out of: the
-paper's cosine similarity, or the share of the map's mass inside the region. A cosine with a
-large region is small for *any* peaked map, wherever the peak is, so it barely resists a word
-moving onto another object; the mass share is exactly the leakage it should prevent."""
 ThresholdIndex = Literal["step", "fraction"]
 """How Eq. 10's thresholds are indexed: by the step number, or by the fraction of the schedule
 done, mapped onto a `schedule_steps`-step run (so that 10 steps follow the 50-step schedule)."""
-LeakRegion = Literal["background", "others", "others-split"]
-"""Where the background-leakage loss keeps a word's map off: the estimated background (the
-paper), or everything the word's own K-means clusters do not cover, i.e. the background *and*
-the other words' objects, which stops two words' maps from swapping objects. "others-split"
-is "others" after the claimed clusters' pixels are shared out, each to the word whose
-cross-attention is highest there (`dpl_edit.dpl.background.share_out_clusters`), so that
-each word owns its own object even when K-means merged two objects into one cluster."""
-
 
 _NORM_EPS = 1e-8
 """Floor for vector norms in cosines, so an all-zero map gives cosine 0 instead of NaN."""

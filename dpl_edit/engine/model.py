@@ -30,7 +30,9 @@ from dpl_edit.engine.timers import timed
 from dpl_edit.errors import DplError
 from dpl_edit.io.images import tensor_to_arrays
 
-BUNDLED_MODEL = Path(__file__).parent.parent / "models" / "world"
+BUNDLED_MODELS = Path(__file__).parent.parent / "models"
+"""Models shipped with the package, each a diffusers SD folder, addressed by folder name."""
+BUNDLED_MODEL = BUNDLED_MODELS / "world"
 DEFAULTS_FILE = "dpl_defaults.json"
 _DTYPES = {name: getattr(torch, name) for name in DTYPES}
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
@@ -148,8 +150,16 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _model_folder(path_or_hub_id: str | os.PathLike | None) -> tuple[Path, str]:
-    """Find the model folder: an argument, then $DPL_MODEL, then the bundled model."""
+def bundled_model_names() -> list[str]:
+    """Names `--model` accepts for the shipped models (`world`, `world-sink`)."""
+    return sorted(p.parent.name for p in BUNDLED_MODELS.glob("*/model_index.json"))
+
+
+def model_folder(path_or_hub_id: str | os.PathLike | None) -> tuple[Path, str]:
+    """Find the model folder and its name: an argument, then $DPL_MODEL, then the bundled model.
+
+    An argument is a folder, else the name of a bundled model, else a cached hub id.
+    """
     if path_or_hub_id is None:
         path_or_hub_id = os.environ.get("DPL_MODEL") or None
     if path_or_hub_id is None:
@@ -163,6 +173,8 @@ def _model_folder(path_or_hub_id: str | os.PathLike | None) -> tuple[Path, str]:
         return path, path.resolve().name
     if path.exists():
         raise DplError(f"model '{path_or_hub_id}' is a file, not a folder; {_NOT_SD}")
+    if str(path_or_hub_id) in bundled_model_names():
+        return BUNDLED_MODELS / str(path_or_hub_id), str(path_or_hub_id)
     return _cached_hub_folder(str(path_or_hub_id)), str(path_or_hub_id)
 
 
@@ -173,8 +185,10 @@ def _cached_hub_folder(hub_id: str) -> Path:
 
         return Path(snapshot_download(hub_id, local_files_only=True))
     except Exception:  # noqa: BLE001 - any failure means "not available offline"
+        bundled = ", ".join(bundled_model_names())
         raise DplError(
-            f"model '{hub_id}' is neither a folder nor in the local cache; {_NOT_SD}"
+            f"model '{hub_id}' is neither a folder, a bundled model ({bundled}) nor in the"
+            f" local cache; {_NOT_SD}"
         ) from None
 
 
@@ -326,7 +340,7 @@ def load_model(
 
     `device` is cpu, cuda, cuda:N, mps, or "auto" (the GPU when there is one)."""
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
-    folder, name = _model_folder(path_or_hub_id)
+    folder, name = model_folder(path_or_hub_id)
     missing = [c for c in _COMPONENTS if not (folder / c).is_dir()]
     if missing or not (folder / "model_index.json").is_file():
         what = f"lacks {', '.join(missing)}" if missing else "has no model_index.json"

@@ -8,15 +8,26 @@ why this module must not import torch (help would take seconds).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 METHODS = ("ddim", "nti", "dpl")
 """Inversion methods: plain DDIM inversion, null-text inversion, NTI with Dynamic Prompt Learning."""
 MODES = ("replace", "refine")
 """Prompt-to-Prompt edit modes: word swap, and refinement (words added or removed)."""
-LEAK_REGIONS = ("background", "others", "others-split")
-"""DPL's leakage regions (`dpl_edit.dpl.losses.LeakRegion` says what each keeps a word off)."""
-LEAK_MEASURES = ("cosine", "mass")
-"""How DPL's background loss scores a map against its region (`dpl_edit.dpl.losses.LeakMeasure`)."""
+LeakRegion = Literal["background", "others", "others-split"]
+"""Where the background-leakage loss keeps a word's map off: the estimated background (the
+paper), or everything the word's own K-means clusters do not cover, i.e. the background *and*
+the other words' objects, which stops two words' maps from swapping objects. "others-split"
+is "others" after the claimed clusters' pixels are shared out, each to the word whose
+cross-attention is highest there (`dpl_edit.dpl.background.share_out_clusters`), so that
+each word owns its own object even when K-means merged two objects into one cluster."""
+LEAK_REGIONS: tuple[str, ...] = get_args(LeakRegion)
+LeakMeasure = Literal["cosine", "mass"]
+"""How the background loss scores a word map against the region it should stay out of: the
+paper's cosine similarity, or the share of the map's mass inside the region. A cosine with a
+large region is small for *any* peaked map, wherever the peak is, so it barely resists a word
+moving onto another object; the mass share is exactly the leakage it should prevent."""
+LEAK_MEASURES: tuple[str, ...] = get_args(LeakMeasure)
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = "cpu, cuda, cuda:N, mps or auto"
 

@@ -28,7 +28,7 @@ from dpl_edit import metrics
 from dpl_edit.bench.sink import mass_section
 from dpl_edit.engine.ddim import Ddim, denoise_step
 from dpl_edit.engine.inversion import invert, reconstruct
-from dpl_edit.engine.model import BUNDLED_MODEL, LoadedModel, load_model
+from dpl_edit.engine.model import LoadedModel, load_model, model_folder
 from dpl_edit.engine.text import encode_text, find_word
 from dpl_edit.io.atomic import atomic_write_bytes
 from dpl_edit.io.images import image_to_tensor
@@ -221,7 +221,9 @@ Attention leakage under NTI (share of an object word's attention outside its obj
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Measure the bundled model's quality gates.")
-    parser.add_argument("--model", default=None, help="model folder (default: bundled)")
+    parser.add_argument(
+        "--model", default=None, help="model folder or bundled model name (default: world)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     parser.add_argument("--samples", type=Path, default=None, help="write a sample sheet PNG")
     parser.add_argument("--quick", action="store_true", help="a tenth of the scenes")
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         help="rewrite README.md from the folder's gates.json and training notes, measure nothing",
     )
     args = parser.parse_args(argv)
-    folder = Path(args.model) if args.model else BUNDLED_MODEL
+    folder = model_folder(args.model)[0]
     if args.card_only:
         gates_json = folder / "gates.json"
         if not gates_json.is_file():

@@ -49,6 +49,8 @@ class TrainConfig:
     key_init_scale: float = 3.0
     attn_guide_weight: float = 0.0
     attn_guide_target: float = 0.6
+    sink_weight: float = 0.0
+    sink_target: float = 0.9
     unet_widths: tuple[int, ...] = (64, 128, 192)
     text_width: int = 128
     text_layers: int = 1

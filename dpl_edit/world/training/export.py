@@ -60,11 +60,16 @@ def seed_run(model: Path, training: dict, run: Path, cfg: TrainConfig) -> None:
     save_state(run / "unet.safetensors", tensors, meta)
 
 
-def export(run: Path, out: Path, cfg: TrainConfig) -> None:
+_HAND_SET = ("dpl", "threads")
+"""Keys of `dpl_defaults.json` chosen after training (on the benchmark), not by the run."""
+
+
+def export(run: Path, out: Path, cfg: TrainConfig, source: Path | None = None) -> None:
     """Write the EMA weights as a diffusers SD folder (fp16 on disk), replacing `out` atomically.
 
-    The hand-written parts of an existing model card (its README and the training notes in
-    `dpl_defaults.json`) are carried over; everything else is the run's.
+    The hand-set parts of the model's `dpl_defaults.json` (DPL defaults, threads, the training
+    notes) are carried over from `out` when it is already a model folder, else from `source`
+    (the model the run started from), and so is `out`'s README; everything else is the run's.
     """
     vae, tokenizer, text_encoder, unet = build_components(cfg)
     vae_ckpt = run / "decoder.safetensors"
@@ -89,8 +94,11 @@ def export(run: Path, out: Path, cfg: TrainConfig) -> None:
             "config": asdict(cfg),
         },
     }
-    if (out / DEFAULTS_FILE).exists():  # hand-written notes of the model card stay
-        notes = json.loads((out / DEFAULTS_FILE).read_text())["training"].get("notes")
+    origin = out if (out / DEFAULTS_FILE).exists() else source
+    if origin is not None and (origin / DEFAULTS_FILE).exists():
+        previous = json.loads((origin / DEFAULTS_FILE).read_text())
+        defaults |= {key: previous[key] for key in _HAND_SET if key in previous}
+        notes = previous["training"].get("notes")
         if notes:
             defaults["training"]["notes"] = notes
     modules = [module.to(torch.float16) for module in (vae, text_encoder, unet)]

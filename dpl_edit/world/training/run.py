@@ -45,6 +45,10 @@ class TrainRequest:
     unet_steps: int | None = None
     decoder_steps: int | None = None
     attn_guide_weight: float | None = None
+    sink_weight: float | None = None
+    """Weight of the start-token sink term (`unet.sink_guide`; 0 = off)."""
+    ema_decay: float | None = None
+    """Decay of the exported EMA weights; a short fine-tune needs a shorter memory than 0.999."""
     lr_decay_from: int | None = None
     resume_from: Path | None = None
     """A shipped model folder to start an empty run from."""
@@ -63,6 +67,10 @@ def _check(request: TrainRequest) -> None:
     for name in _STEP_COUNTS:
         if (getattr(request, name) or 0) < 0:
             raise DplError(f"{name.replace('_', ' ')} must be >= 0, got {getattr(request, name)}")
+    if (request.sink_weight or 0) < 0:
+        raise DplError(f"sink weight must be >= 0, got {request.sink_weight}")
+    if request.ema_decay is not None and not 0 <= request.ema_decay < 1:
+        raise DplError(f"EMA decay must be in [0, 1), got {request.ema_decay}")
 
 
 def _config(request: TrainRequest, shipped: dict | None) -> TrainConfig:
@@ -74,7 +82,7 @@ def _config(request: TrainRequest, shipped: dict | None) -> TrainConfig:
         cfg = TrainConfig.from_record(shipped["config"])
     else:
         cfg = TrainConfig(seed=request.seed)
-    for name in (*_STEP_COUNTS, "attn_guide_weight"):
+    for name in (*_STEP_COUNTS, "attn_guide_weight", "sink_weight", "ema_decay"):
         if getattr(request, name) is not None:
             setattr(cfg, name, getattr(request, name))
     return cfg
@@ -97,7 +105,7 @@ def train(request: TrainRequest) -> Path:
     if request.threads:
         torch.set_num_threads(request.threads)
     if request.export_only:
-        export(request.run, request.out, cfg)
+        export(request.run, request.out, cfg, request.resume_from)
         return request.out
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vae, tokenizer, text_encoder, unet = build_components(cfg)
@@ -112,5 +120,5 @@ def train(request: TrainRequest) -> Path:
     train_unet(cfg, vae, text_encoder, unet, tokenizer, scale, request.run)
     if cfg.decoder_steps:
         train_decoder(cfg, vae, request.run)
-    export(request.run, request.out, cfg)
+    export(request.run, request.out, cfg, request.resume_from)
     return request.out
