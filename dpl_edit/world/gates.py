@@ -142,6 +142,12 @@ def training_summary(training: dict) -> str:
             f"- Continued from step {cfg['warm_start']} of a shipped model with a fresh optimiser "
             "(warm-up again)."
         )
+    if cfg.get("sink_weight"):
+        lines.append(
+            f"- From step {cfg.get('warm_start', 0)}: the start-token sink term on (`sink_guide`,"
+            f" weight {cfg['sink_weight']}, target {cfg.get('sink_target', '?')}); the EMA decay"
+            " above is this last run's."
+        )
     if cfg.get("lr_decay_from"):
         lines.append(
             f"- From step {cfg['lr_decay_from']} the learning rate followed a cosine down to "
@@ -165,7 +171,7 @@ def training_summary(training: dict) -> str:
     return "\n".join(lines)
 
 
-def model_card(results: dict, training: dict) -> str:
+def model_card(results: dict, training: dict, name: str = "world") -> str:
     """The bundled model's README: what it is, how it was trained, how good it is."""
     t = TARGETS
 
@@ -175,7 +181,7 @@ def model_card(results: dict, training: dict) -> str:
         verdict = "n/a" if ok is None else ("pass" if ok else "**fail**")
         return f"| {name} | {format(value, fmt)} | {target} | {verdict} |"
 
-    return f"""# dpl-edit world model
+    return f"""# dpl-edit bundled model `{name}`
 
 A small Stable-Diffusion-format text-to-image model (diffusers `StableDiffusionPipeline`
 folder), trained by the dpl-edit project on its synthetic world of coloured shapes, so that
@@ -271,8 +277,8 @@ def dpl_defaults_section(chosen: dict) -> str:
         "\n## DPL defaults (`dpl` in `dpl_defaults.json`)\n\n"
         f"`invert` uses these `DplLossConfig` settings with this model when none are given; every"
         f" other setting is the paper's: {settings}. They were chosen on the benchmark's"
-        " validation split; `docs/benchmarks.md` gives the sweep, the reasons and the test-split"
-        " results.\n"
+        " validation split with the `world` model; `docs/benchmarks.md` gives the sweep, the"
+        " reasons and the test-split results.\n"
     )
 
 
@@ -281,7 +287,7 @@ def write_card(folder: Path, results: dict) -> None:
     defaults = json.loads((folder / "dpl_defaults.json").read_text())
     training = defaults.get("training", {})
     notes = training.get("notes", "")
-    card = model_card(results, {"summary": training_summary(training), "notes": notes})
+    card = model_card(results, {"summary": training_summary(training), "notes": notes}, folder.name)
     card += dpl_defaults_section(defaults.get("dpl", {}))
     card += mass_section(folder)
     atomic_write_bytes(folder / "README.md", card.encode())
