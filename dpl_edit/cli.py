@@ -13,7 +13,7 @@ import json
 import resource
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -701,10 +701,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_train(args: argparse.Namespace) -> Summary:
     from dpl_edit.world.training.run import TrainRequest, train
 
-    fields = {"run", "out", "seed", "threads", "vae_steps", "unet_steps", "decoder_steps"}
-    fields |= {"attn_guide_weight", "sink_weight", "ema_decay", "lr_decay_from", "resume_from"}
-    fields.add("export_only")
-    model = train(TrainRequest(**{name: getattr(args, name) for name in fields}))
+    names = [field.name for field in fields(TrainRequest)]  # each has its option
+    model = train(TrainRequest(**{name: getattr(args, name) for name in names}))
     return _summary({"model": model, "run": args.run}, {}, {})
 
 

@@ -64,11 +64,9 @@ def _check(request: TrainRequest) -> None:
         )
     if request.export_only and not (request.run / "unet.safetensors").is_file():
         raise DplError(f"nothing to export: {request.run} holds no UNet checkpoint")
-    for name in _STEP_COUNTS:
+    for name in (*_STEP_COUNTS, "sink_weight"):
         if (getattr(request, name) or 0) < 0:
             raise DplError(f"{name.replace('_', ' ')} must be >= 0, got {getattr(request, name)}")
-    if (request.sink_weight or 0) < 0:
-        raise DplError(f"sink weight must be >= 0, got {request.sink_weight}")
     if request.ema_decay is not None and not 0 <= request.ema_decay < 1:
         raise DplError(f"EMA decay must be in [0, 1), got {request.ema_decay}")
 
