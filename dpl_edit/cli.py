@@ -26,6 +26,7 @@ from dpl_edit.engine.settings import (
     LEAK_REGIONS,
     METHODS,
     MODES,
+    TARGET_TOKENS,
     EditSettings,
     InversionSettings,
     NullTextSettings,
@@ -308,6 +309,13 @@ def _add_edit_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--self-steps", type=float, default=_EDIT.self_replace_steps,
                         help="fraction of steps injecting self-attention (default: %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--target-tokens",
+        choices=TARGET_TOKENS,
+        default=_EDIT.target_tokens,
+        help="word vectors the target prompt reads for DPL's learned words: the learned ones"
+        " (the paper) or the vocabulary's (default: %(default)s)",
+    )
 
 
 def _load_model(args: argparse.Namespace):
@@ -373,6 +381,7 @@ def _edit(args: argparse.Namespace, model, inversion) -> Any:
         cross_replace_steps=_cross_windows(args),
         self_replace_steps=args.self_steps,
         guidance=args.guidance,
+        target_tokens=args.target_tokens,
     )
 
 
@@ -597,6 +606,7 @@ def _run_batch(args: argparse.Namespace) -> Summary:
             blend=tuple(args.blend),
             cross_steps=_cross_windows(args),
             self_steps=args.self_steps,
+            target_tokens=args.target_tokens,
         ),
     )
     jobs = read_jobs(args.jobs, defaults, lambda job: check_job(model, job, settings))

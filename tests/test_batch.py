@@ -213,6 +213,14 @@ def test_job_defaults_come_from_the_command_line_and_lines_override_them(tmp_pat
     assert (jobs[0].method, jobs[0].words) == ("dpl", ("cat", "dog"))
     assert jobs[1].method == "nti" and jobs[1].edits[0].cross_steps == {"default_": 0.6}
     assert jobs[0].edits[1].reweight == {"big": 2.0} and jobs[0].edits[1].mode == "refine"
+    plain = {**line, "edits": [{"target": "a cat and a lion", "target_tokens": "plain"}]}
+    parsed = read_jobs(write_jobs(tmp_path, [plain]), DEFAULTS)
+    assert parsed[0].edits[0].target_tokens == "plain"
+    assert parsed[0].spec()["edits"][0]["target_tokens"] == "plain"
+    assert "target_tokens" not in jobs[0].spec()["edits"][0]  # the default is not named
+    bad = {**line, "edits": [{"target": "a cat and a lion", "target_tokens": "both"}]}
+    with pytest.raises(DplError, match="'target_tokens' must be one of learned, plain"):
+        read_jobs(write_jobs(tmp_path, [bad]), DEFAULTS)
     with pytest.raises(DplError, match="line 1: 'words' are DPL's"):
         read_jobs(write_jobs(tmp_path, [{**JOBS[0], "words": ["cat"]}]), DEFAULTS)
     with pytest.raises(DplError, match="line 1: word 'cow' is not in the prompt"):

@@ -218,9 +218,9 @@ def test_rerun_resumes_finished_scenes_and_refuses_other_settings(
     calls: list[tuple[str, str]] = []
     real_run_method = runner.run_method
 
-    def counting(model, method, scene, settings):
+    def counting(model, method, scene, settings, inversions):
         calls.append((scene.id, method.name))
-        return real_run_method(model, method, scene, settings)
+        return real_run_method(model, method, scene, settings, inversions)
 
     monkeypatch.setattr(runner, "run_method", counting)
     scenes = world_split("test", 2)
@@ -305,3 +305,25 @@ def test_a_setting_added_since_a_run_reads_as_its_default_on_resume(tiny_model):
     assert fast["null_text"]["inner_steps"] == 5
     assert not runner.same_config(None, fast)
     assert runner.same_config(None, None)
+
+
+def test_rows_that_differ_only_in_their_edit_share_one_inversion(world_model: LoadedModel):
+    scene = world_split("val", 1)[0]
+    methods = tuple(resolve_methods(["dpl", "dpl-plain-target"]))
+    config = runner.method_config(world_model, methods[1])
+    assert config["edit"] == {"target_tokens": "plain"}
+    assert not runner.same_config(runner.method_config(world_model, methods[0]), config)
+    before = world_model.unet_evals
+    runs = dict(runner.run_scene(world_model, runner.SceneTask(scene, methods, SETTINGS)))
+    shared = world_model.unet_evals - before
+    before = world_model.unet_evals
+    alone = runner.run_scene(world_model, runner.SceneTask(scene, methods[:1], SETTINGS))[0][1]
+    single = world_model.unet_evals - before
+    # One inversion and two edits (SETTINGS.steps passes each) instead of two inversions ...
+    assert shared == single + SETTINGS.steps
+    # ... and each row reports the same cost and maps as if it had run alone.
+    for run in runs.values():
+        assert run.result["cost"]["unet_evals"] == alone.result["cost"]["unet_evals"]
+        for noun, attention in alone.maps.items():
+            torch.testing.assert_close(run.maps[noun], attention)
+    np.testing.assert_array_equal(runs["dpl"].edit, alone.edit)

@@ -95,6 +95,32 @@ def test_dynamic_tokens_are_used_in_both_branches(tiny_model, inversion):
     assert np.abs(_pixels(moved.image) - _pixels(plain.image)).mean() > 0.5
 
 
+def test_plain_target_tokens_keep_the_learned_vectors_in_the_source_only(tiny_model, inversion):
+    table = tiny_model.text_encoder.get_input_embeddings().weight
+    dog = table[tiny_model.tokenizer.convert_tokens_to_ids("dog</w>")]
+    generator = torch.Generator().manual_seed(0)
+    moved = dog + 3 * torch.randn(inversion.steps, 1, dog.shape[0], generator=generator)
+    trajectory, inversion.trajectory = inversion.trajectory, None
+    target = "a big dog and a lion"
+    try:
+        inversion.dynamic_tokens = DynamicTokens(["dog"], [[5]], moved)
+        learned = edit(tiny_model, inversion, target, mode="refine", progress=False)
+        plain = edit(
+            tiny_model, inversion, target, mode="refine", progress=False, target_tokens="plain"
+        )
+        with pytest.raises(DplError, match="unknown target tokens"):
+            edit(tiny_model, inversion, target, progress=False, target_tokens="both")
+    finally:
+        inversion.dynamic_tokens = None
+    untouched = edit(tiny_model, inversion, target, mode="refine", progress=False)
+    inversion.trajectory = trajectory
+    # The source branch reads the learned vector either way ...
+    assert np.abs(_pixels(plain.source) - _pixels(learned.source)).max() <= 1
+    assert np.abs(_pixels(plain.source) - _pixels(untouched.source)).mean() > 0.5
+    # ... and only "plain" gives the target the vocabulary's "dog", so its edit differs.
+    assert np.abs(_pixels(plain.image) - _pixels(learned.image)).mean() > 0.5
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -21,7 +21,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from dpl_edit.engine.settings import METHODS, MODES, EditSettings, InversionSettings
+from dpl_edit.engine.settings import (
+    METHODS,
+    MODES,
+    TARGET_TOKENS,
+    EditSettings,
+    InversionSettings,
+)
 from dpl_edit.errors import DplError
 from dpl_edit.io.images import read_image
 from dpl_edit.io.jsonl import jsonl_lines, parse_line
@@ -30,7 +36,7 @@ Window = float | dict[str, float]
 """A P2P step fraction, or per-word fractions with the rest under "default_" (as `edit` takes)."""
 
 _JOB_KEYS = {"id", "image", "prompt", "words", "method", "edits"}
-_EDIT_KEYS = {"target", "mode", "reweight", "blend", "cross_steps", "self_steps"}
+_EDIT_KEYS = {"target", "mode", "reweight", "blend", "cross_steps", "self_steps", "target_tokens"}
 _DEFAULT_WORD = "default"
 """The job file's key for the fraction of the words a `cross_steps` object does not name."""
 
@@ -45,6 +51,7 @@ class EditJob:
     blend: tuple[str, ...] = ()
     cross_steps: Window = EditSettings.cross_replace_steps
     self_steps: float = EditSettings.self_replace_steps
+    target_tokens: str = EditSettings.target_tokens
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,13 @@ class Job:
                     "blend": list(e.blend),
                     "cross_steps": e.cross_steps,
                     "self_steps": e.self_steps,
+                    # Named only when not the default, so records from before the option
+                    # existed still read as finished.
+                    **(
+                        {}
+                        if e.target_tokens == EditSettings.target_tokens
+                        else {"target_tokens": e.target_tokens}
+                    ),
                 }
                 for e in self.edits
             ],
@@ -152,6 +166,13 @@ def _parse_edit(record: Any, defaults: EditJob) -> EditJob:
         options["cross_steps"] = _cross_steps(record["cross_steps"])
     if "self_steps" in record:
         options["self_steps"] = float(_typed(record, "self_steps", _is_number, "a fraction"))
+    if "target_tokens" in record:
+        options["target_tokens"] = _typed(
+            record,
+            "target_tokens",
+            lambda t: t in TARGET_TOKENS,
+            f"one of {', '.join(TARGET_TOKENS)}",
+        )
     return replace(defaults, **options)
 
 

@@ -137,7 +137,14 @@ def run_job(model: LoadedModel, task: tuple[Job, BatchSettings]) -> JobOutcome:
             **settings.dpl_options(job),
         )
         edits = [
-            edit(model, inversion, e.target, progress=False, **_edit_options(job, i))
+            edit(
+                model,
+                inversion,
+                e.target,
+                progress=False,
+                target_tokens=e.target_tokens,
+                **_edit_options(job, i),
+            )
             for i, e in enumerate(job.edits)
         ]
     except Exception as exc:  # the job failed; the batch goes on and records why

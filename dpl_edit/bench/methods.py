@@ -38,6 +38,9 @@ class BenchMethod:
     base: Literal["model", "paper"] = "model"
     null_switches: dict[str, Any] | None = field(default=None)
     """`NullTextSettings` fields to override (NTI and DPL rows); None keeps invert's default."""
+    edit_switches: dict[str, Any] | None = field(default=None)
+    """Extra `edit` arguments (e.g. `target_tokens`); None edits with `edit`'s defaults. Rows
+    that differ only here share one inversion per scene (`runner.run_scene`)."""
 
     def null_text(self) -> NullTextSettings | None:
         """The null-text settings this row runs with, or None for `invert`'s default."""
@@ -59,6 +62,11 @@ class BenchMethod:
         kwargs = {} if config is None else {"words": list(nouns), "dpl_config": config}
         null_text = self.null_text()
         return kwargs if null_text is None else {**kwargs, "null_text": null_text}
+
+    def inversion_key(self, model: Any) -> str:
+        """What decides this row's inversion: rows with equal keys invert a scene identically."""
+        config, null_text = self.dpl_config(model), self.null_text()
+        return repr((self.inversion, config, null_text))
 
 
 _WORDS = {"softmax_tokens": "words"}
@@ -202,6 +210,14 @@ _TABLE = (
         "dpl-split-mass-nodj with each learned vector kept within its embedding's norm of it"
         " (max_drift 1)",
         {**_OWN_MASS, "max_drift": 1.0},
+    ),
+    BenchMethod(
+        "dpl-plain-target",
+        "dpl",
+        "DPL (model defaults); the edit's target prompt reads the vocabulary's word vectors, not"
+        " the learned ones (target_tokens plain)",
+        {},
+        edit_switches={"target_tokens": "plain"},
     ),
     BenchMethod(
         "nti-fast",

@@ -46,6 +46,7 @@ from dpl_edit.bench.methods import (
 )
 from dpl_edit.bench.report import ExampleRow, write_json, write_report
 from dpl_edit.bench.scenes import BenchScene, caption_words
+from dpl_edit.engine.artifact import Inversion
 from dpl_edit.engine.edit import edit
 from dpl_edit.engine.inversion import invert
 from dpl_edit.engine.model import LoadedModel
@@ -169,26 +170,41 @@ def measure(
 
 
 def run_method(
-    model: LoadedModel, method: BenchMethod, scene: BenchScene, settings: BenchSettings
+    model: LoadedModel,
+    method: BenchMethod,
+    scene: BenchScene,
+    settings: BenchSettings,
+    inversions: dict[str, tuple[Inversion, float]] | None = None,
 ) -> MethodRun:
-    """Invert and edit a model-space scene with one method, then measure it."""
+    """Invert and edit a model-space scene with one method, then measure it.
+
+    `inversions` (by `BenchMethod.inversion_key`) lets rows that differ only in their edit
+    reuse one inversion (kept with its wall time); its time and UNet passes still count in each
+    row's cost, so a row's figures are the same whether or not it shared.
+    """
     torch.manual_seed(settings.seed)
     tokens = model.tokenizer
     same_length = len(prompt_tokens(tokens, scene.source)) == len(
         prompt_tokens(tokens, scene.target)
     )
-    start = time.perf_counter()
+    inversions = {} if inversions is None else inversions
+    key = method.inversion_key(model)
     with peak_memory(model.device) as memory:
-        inversion = invert(
-            model,
-            Image.fromarray(scene.source_image()),
-            scene.source,
-            method=method.inversion,
-            steps=settings.steps,
-            guidance=settings.guidance,
-            progress=False,
-            **method.invert_kwargs(model, list(scene.masks)),
-        )
+        if key not in inversions:
+            start = time.perf_counter()
+            inverted = invert(
+                model,
+                Image.fromarray(scene.source_image()),
+                scene.source,
+                method=method.inversion,
+                steps=settings.steps,
+                guidance=settings.guidance,
+                progress=False,
+                **method.invert_kwargs(model, list(scene.masks)),
+            )
+            inversions[key] = (inverted, time.perf_counter() - start)
+        inversion, inversion_seconds = inversions[key]
+        start = time.perf_counter()
         result = edit(
             model,
             inversion,
@@ -198,8 +214,10 @@ def run_method(
             cross_replace_steps=settings.cross_replace_steps,
             self_replace_steps=settings.self_replace_steps,
             progress=False,
+            **(method.edit_switches or {}),
         )
-    seconds = {**inversion.timings, **result.timings, "total": time.perf_counter() - start}
+    seconds = {**inversion.timings, **result.timings}
+    seconds["total"] = inversion_seconds + time.perf_counter() - start
     maps = noun_maps(model, scene.source, inversion.attention, list(scene.masks))
     edited, reconstruction = np.asarray(result.image), np.asarray(result.source)
     metrics = measure(scene, maps, reconstruction, edited)
@@ -215,11 +233,13 @@ def method_config(model: LoadedModel, method: BenchMethod) -> dict[str, Any] | N
     """A method's settings as stored JSON, for the resume check: its DPL settings, plus its
     null-text settings under "null_text" when it changes them; None for a plain row."""
     config, null_text = method.dpl_config(model), method.null_text()
-    if config is None and null_text is None:
+    if config is None and null_text is None and method.edit_switches is None:
         return None
     stored = {} if config is None else asdict(config)
     if null_text is not None:
         stored["null_text"] = asdict(null_text)
+    if method.edit_switches is not None:
+        stored["edit"] = method.edit_switches
     return json.loads(json.dumps(stored))
 
 
@@ -227,7 +247,7 @@ def _defaults() -> dict[str, Any]:
     """What a setting missing from a stored config meant when it was stored: its default."""
     from dpl_edit.dpl.losses import DplLossConfig
 
-    return {**json.loads(json.dumps(asdict(DplLossConfig()))), "null_text": None}
+    return {**json.loads(json.dumps(asdict(DplLossConfig()))), "null_text": None, "edit": None}
 
 
 def same_config(stored: dict[str, Any] | None, current: dict[str, Any] | None) -> bool:
@@ -333,7 +353,10 @@ def run_scene(model: LoadedModel, task: SceneTask) -> list[tuple[str, MethodRun]
     Each method seeds itself (`run_method`), so a scene's results are the same whichever
     worker runs it and whatever ran before."""
     prepared = prepare_scene(task.scene, model.resolution)
-    return [(m.name, run_method(model, m, prepared, task.settings)) for m in task.methods]
+    inversions: dict[str, tuple[Inversion, float]] = {}
+    return [
+        (m.name, run_method(model, m, prepared, task.settings, inversions)) for m in task.methods
+    ]
 
 
 def run_bench(

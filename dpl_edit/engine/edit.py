@@ -31,8 +31,14 @@ from dpl_edit.engine.p2p import (
     AttentionReweight,
     LocalBlend,
 )
-from dpl_edit.engine.settings import MODES, EditSettings
-from dpl_edit.engine.text import check_prompt, find_word, step_embeddings, word_token_positions
+from dpl_edit.engine.settings import MODES, TARGET_TOKENS, EditSettings, TargetTokens
+from dpl_edit.engine.text import (
+    check_prompt,
+    encode_text,
+    find_word,
+    step_embeddings,
+    word_token_positions,
+)
 from dpl_edit.errors import DplError
 from dpl_edit.io.images import save_png
 
@@ -196,6 +202,25 @@ def plan_edit(
     return EditPlan(store, controller, local_blend)
 
 
+def _edit_embeddings(
+    model: LoadedModel,
+    source: str,
+    target: str,
+    inversion: Inversion,
+    target_tokens: TargetTokens,
+    step: int,
+    cache: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """[2, L, D] conditional embeddings of source and target at a step of the edit."""
+    dynamic = inversion.dynamic_tokens
+    if target_tokens == "learned" or dynamic is None:
+        return step_embeddings(model, [source, target], dynamic, step, cache)
+    if "target" not in cache:
+        cache["target"] = encode_text(model, [target])
+    source_row = step_embeddings(model, [source], dynamic, step, cache)
+    return torch.cat([source_row, cache["target"]])
+
+
 @torch.no_grad()
 def edit(
     model: LoadedModel,
@@ -211,6 +236,7 @@ def edit(
     blend_start: float = EditSettings.blend_start,
     guidance: float | None = None,
     progress: bool = True,
+    target_tokens: TargetTokens = EditSettings.target_tokens,
 ) -> EditResult:
     """Edit the inverted image towards `target` with Prompt-to-Prompt.
 
@@ -218,7 +244,13 @@ def edit(
     attend. Self-attention is injected in layers of side <= `self_replace_max_res` (default half
     the latent size, as in the null-text paper's notebook: 32 for SD's 64x64 latents).
     `guidance` defaults to the inversion's, the scale its null texts were fitted for.
+    `target_tokens` says whether the target prompt reads DPL's learned word vectors too
+    (`engine.settings.TargetTokens`).
     """
+    if target_tokens not in TARGET_TOKENS:
+        raise DplError(
+            f"unknown target tokens {target_tokens!r}; choose one of {', '.join(TARGET_TOKENS)}"
+        )
     if not same_model(inversion.model_identity, model.identity):
         raise DplError(
             f"the inversion was made with model {inversion.model_identity}, not with "
@@ -255,7 +287,7 @@ def edit(
     cache: dict[str, torch.Tensor] = {}
     with controlled_attention(model.unet, controllers) as chain:
         for i, t in enumerate(tqdm(ddim.timesteps, desc="editing", disable=not progress)):
-            cond = step_embeddings(model, [source, target], inversion.dynamic_tokens, i, cache)
+            cond = _edit_embeddings(model, source, target, inversion, target_tokens, i, cache)
             null = inversion.null_embeddings[i : i + 1].to(model.device, model.dtype)
             chain.begin_step(i)
             if path is None:

@@ -28,6 +28,13 @@ paper's cosine similarity, or the share of the map's mass inside the region. A c
 large region is small for *any* peaked map, wherever the peak is, so it barely resists a word
 moving onto another object; the mass share is exactly the leakage it should prevent."""
 LEAK_MEASURES: tuple[str, ...] = get_args(LeakMeasure)
+TargetTokens = Literal["learned", "plain"]
+"""Which word vectors an edit's target prompt reads for the words DPL learned: the same per-step
+table as the source (the paper's code), or the vocabulary's own embeddings. The source branch
+always reads the learned ones (its maps are what the edit injects); with "plain" the target
+draws the unchanged words from their usual meaning, not from a vector that was fitted only for
+the source prompt's context."""
+TARGET_TOKENS: tuple[str, ...] = get_args(TargetTokens)
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = "cpu, cuda, cuda:N, mps or auto"
 
@@ -75,3 +82,4 @@ class EditSettings:
     blend_threshold: float = 0.3
     blend_start: float = 0.2
     """Fraction of steps after which local blending starts."""
+    target_tokens: TargetTokens = "learned"
