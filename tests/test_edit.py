@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 import torch
@@ -72,23 +74,31 @@ def test_cross_replace_windows_per_word(tiny_model):
     assert alpha[:, 5].tolist() == [0] * 2 + [1] * 8
 
 
+@contextmanager
+def _tokens_set_after_inversion(inversion):
+    """Lets a test set `inversion.dynamic_tokens` after the fact. The stored source path no
+    longer matches such tokens, so edits inside recompute it; both are put back afterwards."""
+    trajectory, inversion.trajectory = inversion.trajectory, None
+    try:
+        yield
+    finally:
+        inversion.dynamic_tokens, inversion.trajectory = None, trajectory
+
+
 def test_dynamic_tokens_are_used_in_both_branches(tiny_model, inversion):
     table = tiny_model.text_encoder.get_input_embeddings().weight
     dog = table[tiny_model.tokenizer.convert_tokens_to_ids("dog</w>")]
-    # The learned vector equal to the word's own embedding changes nothing ...
-    inversion.dynamic_tokens = DynamicTokens(["dog"], [[5]], dog.expand(inversion.steps, 1, -1))
-    # Tokens swapped in after the inversion no longer match its stored source path: recompute.
-    trajectory, inversion.trajectory = inversion.trajectory, None
-    try:
-        same = edit(tiny_model, inversion, "a big dog and a lion", mode="refine", progress=False)
+    target = "a big dog and a lion"
+    with _tokens_set_after_inversion(inversion):
+        # The learned vector equal to the word's own embedding changes nothing ...
+        inversion.dynamic_tokens = DynamicTokens(["dog"], [[5]], dog.expand(inversion.steps, 1, -1))
+        same = edit(tiny_model, inversion, target, mode="refine", progress=False)
         inversion.dynamic_tokens = DynamicTokens(
             ["dog"], [[5]], 3 * torch.randn(inversion.steps, 1, dog.shape[0])
         )
-        moved = edit(tiny_model, inversion, "a big dog and a lion", mode="refine", progress=False)
-    finally:
+        moved = edit(tiny_model, inversion, target, mode="refine", progress=False)
         inversion.dynamic_tokens = None
-    plain = edit(tiny_model, inversion, "a big dog and a lion", mode="refine", progress=False)
-    inversion.trajectory = trajectory
+        plain = edit(tiny_model, inversion, target, mode="refine", progress=False)
     assert np.abs(_pixels(same.image) - _pixels(plain.image)).max() <= 1
     # ... a different one changes the source branch and the target (which also has "dog").
     assert np.abs(_pixels(moved.source) - _pixels(plain.source)).mean() > 0.5
@@ -100,9 +110,8 @@ def test_plain_target_tokens_keep_the_learned_vectors_in_the_source_only(tiny_mo
     dog = table[tiny_model.tokenizer.convert_tokens_to_ids("dog</w>")]
     generator = torch.Generator().manual_seed(0)
     moved = dog + 3 * torch.randn(inversion.steps, 1, dog.shape[0], generator=generator)
-    trajectory, inversion.trajectory = inversion.trajectory, None
     target = "a big dog and a lion"
-    try:
+    with _tokens_set_after_inversion(inversion):
         inversion.dynamic_tokens = DynamicTokens(["dog"], [[5]], moved)
         learned = edit(tiny_model, inversion, target, mode="refine", progress=False)
         plain = edit(
@@ -110,10 +119,8 @@ def test_plain_target_tokens_keep_the_learned_vectors_in_the_source_only(tiny_mo
         )
         with pytest.raises(DplError, match="unknown target tokens"):
             edit(tiny_model, inversion, target, progress=False, target_tokens="both")
-    finally:
         inversion.dynamic_tokens = None
-    untouched = edit(tiny_model, inversion, target, mode="refine", progress=False)
-    inversion.trajectory = trajectory
+        untouched = edit(tiny_model, inversion, target, mode="refine", progress=False)
     # The source branch reads the learned vector either way ...
     assert np.abs(_pixels(plain.source) - _pixels(learned.source)).max() <= 1
     assert np.abs(_pixels(plain.source) - _pixels(untouched.source)).mean() > 0.5

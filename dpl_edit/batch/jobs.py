@@ -27,6 +27,7 @@ from dpl_edit.engine.settings import (
     TARGET_TOKENS,
     EditSettings,
     InversionSettings,
+    TargetTokens,
 )
 from dpl_edit.errors import DplError
 from dpl_edit.io.images import read_image
@@ -51,7 +52,7 @@ class EditJob:
     blend: tuple[str, ...] = ()
     cross_steps: Window = EditSettings.cross_replace_steps
     self_steps: float = EditSettings.self_replace_steps
-    target_tokens: str = EditSettings.target_tokens
+    target_tokens: TargetTokens = EditSettings.target_tokens
 
 
 @dataclass(frozen=True)

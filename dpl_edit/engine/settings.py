@@ -83,3 +83,4 @@ class EditSettings:
     blend_start: float = 0.2
     """Fraction of steps after which local blending starts."""
     target_tokens: TargetTokens = "learned"
+    """The paper's: the target prompt reads DPL's learned vectors too (see `TargetTokens`)."""
