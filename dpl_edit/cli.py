@@ -168,6 +168,9 @@ def _add_dpl_options(parser: argparse.ArgumentParser, one_image: bool = True) ->
                        "background in the cell (the paper code's dilated mask)")  # fmt: skip
     group.add_argument("--gaussian-formula", choices=["ae-quirk", "standard"],
                        help="balancing-loss smoothing: the paper code's (ae-quirk) or textbook")  # fmt: skip
+    group.add_argument("--plateau-tol", type=float, metavar="F",
+                       help="end a step's token updates once one lowers the loss by less than "
+                       "F of it, undoing one that raises it (faster; not in the paper)")  # fmt: skip
     group.add_argument("--stop-on-rise", action="store_true",
                        help="end a step's token updates as soon as one raises the loss "
                        "(faster; not in the paper)")  # fmt: skip
@@ -197,6 +200,7 @@ _DPL_KNOBS = {
     "leak_region": "leak_region",
     "leak_measure": "leak_measure",
     "max_drift": "max_drift",
+    "plateau_tol": "plateau_tol",
 }
 """CLI option -> `DplLossConfig` field, for the options that take a value."""
 _DPL_SWITCHES = {"no_at": "use_at", "no_dj": "use_dj", "no_thresholds": "use_thresholds"}

@@ -477,6 +477,47 @@ def test_stop_on_rise_undoes_the_update_that_raised_the_loss(tiny_model, distanc
         assert updates == 4
 
 
+@pytest.mark.parametrize(
+    ("distance", "tol", "updates"), [(10.0, 0.0, 4), (10.0, 0.5, 1), (0.1, 0.0, 0)]
+)
+def test_plateau_tol_ends_a_step_once_an_update_gains_too_little(
+    tiny_model, distance, tol, updates
+):
+    # From 10 away, AdamW's first update (lr 1) moves every coordinate by exactly 1, so the
+    # loss falls by 1 - (9/10)^2 = 19% of itself: under a tolerance of 50% the step ends right
+    # after it; a tolerance of 0 lets a falling loss run every update. From 0.1 away the first
+    # update overshoots, raises the loss and is undone.
+    groups = word_token_groups(tiny_model, PROMPT, ["cat"])
+    runs = {}
+    for plateau in (None, tol):
+        config = dataclasses.replace(
+            FORCED, lr=1.0, weight_decay=0.0, max_inner_steps=4, plateau_tol=plateau
+        )
+        stage = _Quadratic(tiny_model, PROMPT, ["cat"], groups, [None], config, STEPS)
+        start = stage.vectors.clone()
+        stage.target = start + distance
+        stage(0, 500, torch.zeros(1))
+        runs[plateau] = (stage.vectors, stage.trace[0]["inner_steps"])
+    vectors, done = runs[tol]
+    assert done == updates and runs[None][1] == 4
+    expected = {4: runs[None][0], 1: start + 1.0, 0: start}[updates]
+    torch.testing.assert_close(vectors, expected)
+
+
+@pytest.mark.parametrize("tol", [-0.1, 1.0])
+def test_plateau_tol_must_be_a_fraction(tol):
+    with pytest.raises(DplError, match="plateau_tol"):
+        DplLossConfig(plateau_tol=tol)
+
+
+def test_cli_plateau_tol_reaches_the_dpl_settings(tiny_model, capsys):
+    from dpl_edit.cli import _dpl_config, build_parser
+
+    argv = ["invert", "in.png", "--prompt", PROMPT, "--out", "out", "--method", "dpl"]
+    args = build_parser().parse_args([*argv, "--plateau-tol", "0.001"])
+    assert _dpl_config(args, tiny_model).plateau_tol == 0.001
+
+
 @pytest.mark.parametrize("max_drift", [None, 0.5, 1e6])
 def test_max_drift_pulls_vectors_back_onto_the_sphere_around_their_embedding(tiny_model, max_drift):
     # One AdamW step without weight decay moves every coordinate by exactly lr towards the

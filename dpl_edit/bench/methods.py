@@ -240,6 +240,13 @@ _TABLE = (
         {"stop_on_rise": True},
     ),
     BenchMethod(
+        "dpl-plateau",
+        "dpl",
+        "DPL (model defaults), a step's token updates end once one lowers the loss by under"
+        " 0.01% of it (speed option)",
+        {"plateau_tol": 1e-4},
+    ),
+    BenchMethod(
         "dpl-others-words",
         "dpl",
         "DPL (model defaults), leakage region outside own clusters, word softmax, balancing on",

@@ -185,8 +185,9 @@ class TokenStage:
     step's vectors; up to `max_inner_steps` times, a conditional-only UNet call on the current
     latent records the cross-attention at the loss resolution with gradient, the losses are
     evaluated, and the loop stops as soon as they are all under their thresholds (or, with
-    `stop_on_rise`, as soon as an update raised the total loss, undoing it), else takes one
-    optimiser step. The original code's vocabulary growing and row restoring is replaced by
+    `stop_on_rise` or `plateau_tol`, as soon as an update raised the total loss, undoing it;
+    with `plateau_tol`, also once an update lowered it by less than that fraction), else takes
+    one optimiser step. The original code's vocabulary growing and row restoring is replaced by
     optimising the vectors alone, which is the same update (docs/algorithm.md section 4.7).
     """
 
@@ -277,7 +278,9 @@ class TokenStage:
                         vectors.copy_(before[0])
                     report, updates = before[1], updates - 1
                     break
-                if self.config.stop_on_rise:
+                if before is not None and self._plateaued(before[1], report):
+                    break
+                if self.config.stop_on_rise or self.config.plateau_tol is not None:
                     before = (vectors.detach().clone(), report)
                 optimizer.zero_grad()
                 with timed("backward"):
@@ -302,6 +305,14 @@ class TokenStage:
         self.seconds += time.perf_counter() - start
         self.unet_evals += self.model.unet_evals - evals_before
         return cond
+
+    def _plateaued(self, before: LossReport, now: LossReport) -> bool:
+        """Did the last update lower the total loss by less than `plateau_tol` of it?"""
+        tol = self.config.plateau_tol
+        if tol is None:
+            return False
+        previous = before.total.item()
+        return previous - now.total.item() < tol * abs(previous)
 
     @torch.no_grad()
     def _pull_back(self, vectors: torch.Tensor) -> None:
