@@ -139,6 +139,19 @@ def test_the_command_line_parses_to_the_same_settings(tiny_model, both):
     )  # fmt: skip
 
 
+def test_plain_target_tokens_reach_the_dpl_edit_and_its_command(tiny_model, both):
+    request = EditRequest("a cat and a lion", target_tokens="plain")
+    result = edit_session(tiny_model, both.session, request)
+    dpl = both.session.inversions["dpl"]
+    expected = edit(tiny_model, dpl, "a cat and a lion", target_tokens="plain", progress=False)
+    learned = edit(tiny_model, dpl, "a cat and a lion", progress=False)
+    assert np.array_equal(np.asarray(result.pictures[4][1]), np.asarray(expected.image))
+    assert not np.array_equal(np.asarray(expected.image), np.asarray(learned.image))
+    nti_command, dpl_command = result.commands
+    assert build_parser().parse_args(shlex.split(dpl_command)[1:]).target_tokens == "plain"
+    assert "--target-tokens" not in nti_command  # NTI has no learned vectors to choose between
+
+
 def test_sessions_do_not_share_state(tiny_model, tmp_path):
     one = invert_input(tiny_model, tiny_image(seed=1), InvertRequest(PROMPT, method="NTI", steps=2),
                        tmp_path / "one")  # fmt: skip

@@ -23,7 +23,7 @@ import gradio as gr
 from PIL import Image
 
 from dpl_edit.engine.model import LoadedModel, load_model
-from dpl_edit.engine.settings import DTYPES, EditSettings, InversionSettings
+from dpl_edit.engine.settings import DTYPES, TARGET_TOKENS, EditSettings, InversionSettings
 from dpl_edit.errors import DplError, error_line
 from dpl_edit.io.atomic import atomic_write_bytes
 from dpl_edit.io.images import read_image
@@ -198,6 +198,10 @@ def build_app(
                                   label="Cross-attention injection (fraction of steps)")  # fmt: skip
                 self_ = gr.Slider(0, 1, EditSettings.self_replace_steps, step=0.05,
                                   label="Self-attention injection (fraction of steps)")  # fmt: skip
+                target_tokens = gr.Radio(list(TARGET_TOKENS), value=EditSettings.target_tokens,
+                                         label="DPL: the target prompt's word vectors (learned, as "
+                                         "in the paper, or the vocabulary's)",
+                                         elem_id="target-tokens")  # fmt: skip
                 edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
             with gr.Column():
                 gr.Markdown("Re-weight the target's words (1 = unchanged)")
@@ -304,6 +308,7 @@ def build_app(
             blend_words: list[str],
             cross_steps: float,
             self_steps: float,
+            vectors: str,
             *scales: float,
         ) -> list[Any]:
             start = time.perf_counter()
@@ -313,7 +318,7 @@ def build_app(
                 names = distinct_words(text)[:MAX_SLIDERS]
                 reweight = {w: float(s) for w, s in zip(names, scales, strict=False) if s != 1.0}
                 edit_request = EditRequest(text, mode_name, reweight, tuple(blend_words or ()),
-                                           cross_steps, self_steps)  # fmt: skip
+                                           cross_steps, self_steps, vectors)  # fmt: skip
                 model = holder.get()
                 with holder.lock, cancellable(model, flags.fresh(request.session_hash)):
                     result = edit_session(model, current, edit_request)
@@ -325,7 +330,7 @@ def build_app(
 
         edit_event = edit_button.click(
             run_edit,
-            [session, target, mode, blend, cross, self_, *sliders],
+            [session, target, mode, blend, cross, self_, target_tokens, *sliders],
             [edits, downloads, command, status],
             concurrency_id="model",
             concurrency_limit=1,

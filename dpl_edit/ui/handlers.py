@@ -29,7 +29,7 @@ from dpl_edit.engine.artifact import Inversion
 from dpl_edit.engine.edit import edit
 from dpl_edit.engine.inversion import invert, reconstruction_image
 from dpl_edit.engine.model import LoadedModel
-from dpl_edit.engine.settings import EditSettings, InversionSettings
+from dpl_edit.engine.settings import EditSettings, InversionSettings, TargetTokens
 from dpl_edit.engine.text import bare_word
 from dpl_edit.errors import DplError
 from dpl_edit.io.atomic import atomic_write_bytes
@@ -116,6 +116,8 @@ class EditRequest:
     blend: tuple[str, ...] = ()
     cross_steps: float = EditSettings.cross_replace_steps
     self_steps: float = EditSettings.self_replace_steps
+    target_tokens: TargetTokens = EditSettings.target_tokens
+    """Whether the target prompt reads DPL's learned word vectors (NTI edits have none)."""
 
 
 @dataclass
@@ -269,6 +271,7 @@ def edit_session(model: LoadedModel, session: Session, request: EditRequest) -> 
             blend=list(request.blend),
             cross_replace_steps=float(request.cross_steps),
             self_replace_steps=float(request.self_steps),
+            target_tokens=request.target_tokens,
         )
         label = method.upper()
         pictures += [
@@ -304,6 +307,8 @@ def run_command(session: Session, method: str, request: EditRequest, out: str) -
     if request.blend:
         args += ["--blend", *request.blend]
     args += ["--cross-steps", f"{request.cross_steps:g}", "--self-steps", f"{request.self_steps:g}"]
+    if method == "dpl" and request.target_tokens != EditSettings.target_tokens:
+        args += ["--target-tokens", request.target_tokens]
     return shlex.join([*args, *session.model_args])
 
 
