@@ -27,8 +27,11 @@ def test_report_lists_every_timing_and_share():
         "timings": [{"name": "NTI inversion", "seconds": 2.0, "unet_evals": 10, "note": ""}],
         "dpl_over_nti": 1.5,
         "fast_dpl_over_fast_nti": 1.25,
+        "plateau_dpl_over_nti": 1.125,
         "profile": {"total": 4.0, "unet forward": 1.0, "backward": 3.0},
+        "profile_plateau": {"total": 2.0, "unet forward": 0.5, "backward": 1.0},
     }  # fmt: skip
     text = speed.report(record)
     assert "| NTI inversion | 2.00 | 10 |" in text
     assert "| backward | 3.00 | 75% |" in text and "1.50x" in text and "1.25x" in text
+    assert "| backward | 1.00 | 50% |" in text and "1.12x" in text

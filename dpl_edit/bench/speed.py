@@ -3,7 +3,8 @@
 On one built-in scene: loading the model, a first call (warm-up), NTI inversion, DPL inversion
 (the model's DPL defaults), an edit from a saved DPL inversion, `dpl run` end to end in a
 fresh process, and NTI and DPL inversions with the speed options (bench rows `nti-fast`,
-`dpl-fast`), each with its UNet passes. Then one more DPL inversion, timed by the engine's
+`dpl-fast`, `dpl-plateau`), each with its UNet passes; the edit also at two threads. Then one
+more DPL inversion with the defaults and one as `dpl-plateau`, each timed by the engine's
 labelled timers (`dpl_edit.engine.timers`), split into UNet forward passes (with the attention
 hooks inside them shown apart), backward passes, optimiser steps, DPL's loss code, text
 encoding and the rest (Python, DDIM updates, K-means), so the next person knows where the time
@@ -66,8 +67,11 @@ class Timing:
     note: str = ""
 
 
-SPEED_OPTIONS = ("nti-fast", "dpl-fast")
+SPEED_OPTIONS = ("nti-fast", "dpl-fast", "dpl-plateau")
 """Benchmark rows (`dpl_edit.bench.methods`) with the speed options, timed beside the defaults."""
+EDIT_THREADS = 2
+"""The edit is also timed at this many torch threads: it runs the UNet at batch 3 without
+gradients, where a second thread may pay although it does not for the inversions."""
 
 
 def _scene_image(split: str, index: int) -> tuple[Image.Image, str, str, list[str]]:
@@ -95,13 +99,20 @@ def _timed_inversion(
     )
 
 
-def _dpl_run(image: Image.Image, prompt: str, target: str, steps: int, folder: Path) -> Timing:
-    """`dpl run` in a fresh process: what a user of the command waits for."""
+def _dpl_run(
+    image: Image.Image,
+    prompt: str,
+    target: str,
+    steps: int,
+    folder: Path,
+    options: Sequence[str] = (),
+) -> Timing:
+    """`dpl run` (with `options`) in a fresh process: what a user of the command waits for."""
     image.save(folder / "scene.png")
     command = [
         sys.executable, "-m", "dpl_edit.cli", "run", str(folder / "scene.png"), "--prompt", prompt,
         "--target", target,
-        "--out", str(folder / "edit.png"), "--steps", str(steps), "--json",
+        "--out", str(folder / "edit.png"), "--steps", str(steps), "--json", *options,
     ]  # fmt: skip
     # The same thread count as this process, so the rows compare.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
@@ -110,7 +121,8 @@ def _dpl_run(image: Image.Image, prompt: str, target: str, steps: int, folder: P
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise DplError(f"dpl run failed: {done.stderr.strip().splitlines()[-1]}")
-    return Timing("`dpl run` end to end (new process)", seconds, note="load + DPL + edit + files")
+    name = " ".join(["`dpl run", *options]) + "` end to end (new process)"
+    return Timing(name, seconds, note="load + DPL + edit + files")
 
 
 def profile_inversion(
@@ -151,13 +163,19 @@ def run_speed(steps: int, split: str, index: int, threads: int | None, work: Pat
     timings += [nti, dpl]
     dpl_inversion.save(work / "dpl.inv", overwrite=True)
     saved = Inversion.load(work / "dpl.inv", model)
-    start = time.perf_counter()
-    result = edit(model, saved, target, progress=False)
-    timings.append(
-        Timing("edit from the saved DPL inversion", time.perf_counter() - start,
-               result.unet_evals["edit"])
-    )  # fmt: skip
+    timings.append(_timed_edit(model, saved, target, "edit from the saved DPL inversion"))
+    threads_before = torch.get_num_threads()
+    if threads_before != EDIT_THREADS and (os.cpu_count() or 1) >= EDIT_THREADS:
+        torch.set_num_threads(EDIT_THREADS)
+        try:
+            label = f"edit from the saved DPL inversion, {EDIT_THREADS} threads"
+            timings.append(_timed_edit(model, saved, target, label))
+        finally:
+            torch.set_num_threads(threads_before)
     timings.append(_dpl_run(image, prompt, target, steps, work))
+    plateau = METHODS["dpl-plateau"].dpl_config(model)
+    plateau_option = ("--plateau-tol", f"{plateau.plateau_tol:g}")
+    timings.append(_dpl_run(image, prompt, target, steps, work, plateau_option))
     fast = {}
     for name in SPEED_OPTIONS:
         method = METHODS[name]
@@ -176,8 +194,16 @@ def run_speed(steps: int, split: str, index: int, threads: int | None, work: Pat
         "timings": [asdict(t) for t in timings],
         "dpl_over_nti": dpl.seconds / nti.seconds,
         "fast_dpl_over_fast_nti": fast["dpl-fast"].seconds / fast["nti-fast"].seconds,
+        "plateau_dpl_over_nti": fast["dpl-plateau"].seconds / nti.seconds,
         "profile": profile_inversion(model, image, prompt, steps),
+        "profile_plateau": profile_inversion(model, image, prompt, steps, dpl_config=plateau),
     }
+
+
+def _timed_edit(model: LoadedModel, inversion: Inversion, target: str, label: str) -> Timing:
+    start = time.perf_counter()
+    result = edit(model, inversion, target, progress=False)
+    return Timing(label, time.perf_counter() - start, result.unet_evals["edit"])
 
 
 def report(record: dict) -> str:
@@ -195,18 +221,23 @@ def report(record: dict) -> str:
     lines += [
         "",
         f"DPL inversion / NTI inversion: {record['dpl_over_nti']:.2f}x (defaults), "
-        f"{record['fast_dpl_over_fast_nti']:.2f}x (both with the speed options)",
-        "",
-        "Where one DPL inversion's time goes (the engine's timers):",
-        "",
-        "| part | seconds | share |",
-        "|---|---|---|",
+        f"{record['fast_dpl_over_fast_nti']:.2f}x (both with the speed options), "
+        f"{record['plateau_dpl_over_nti']:.2f}x (`dpl-plateau` / default NTI)",
     ]
-    profiled = record["profile"]
-    for part, seconds in profiled.items():
-        if part != "total":
-            lines.append(f"| {part} | {seconds:.2f} | {100 * seconds / profiled['total']:.0f}% |")
-    lines.append(f"| total (timed run) | {profiled['total']:.2f} | 100% |")
+    profiles = {"the default DPL": record["profile"], "`dpl-plateau`": record["profile_plateau"]}
+    for name, profiled in profiles.items():
+        lines += [
+            "",
+            f"Where one DPL inversion's time goes, {name} (the engine's timers):",
+            "",
+            "| part | seconds | share |",
+            "|---|---|---|",
+        ]
+        for part, seconds in profiled.items():
+            if part != "total":
+                share = 100 * seconds / profiled["total"]
+                lines.append(f"| {part} | {seconds:.2f} | {share:.0f}% |")
+        lines.append(f"| total (timed run) | {profiled['total']:.2f} | 100% |")
     return "\n".join(lines) + "\n"
 
 
