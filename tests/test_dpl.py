@@ -451,29 +451,35 @@ class _Quadratic(TokenStage):
         return LossReport(None, None, None, total, None, False, False)
 
 
+def _one_quadratic_step(
+    model, distance: float, **switches
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One step of `_Quadratic` from `distance` away in every coordinate (AdamW at lr 1, no
+    weight decay, at most 4 updates unless `switches` say otherwise): start vectors, end
+    vectors and the updates taken."""
+    groups = word_token_groups(model, PROMPT, ["cat"])
+    config = dataclasses.replace(
+        FORCED, **{"lr": 1.0, "weight_decay": 0.0, "max_inner_steps": 4, **switches}
+    )
+    stage = _Quadratic(model, PROMPT, ["cat"], groups, [None], config, STEPS)
+    start = stage.vectors.clone()
+    stage.target = start + distance
+    stage(0, 500, torch.zeros(1))  # the latent is unused by the quadratic loss
+    return start, stage.vectors, stage.trace[0]["inner_steps"]
+
+
 @pytest.mark.parametrize("distance", [0.1, 10.0])
 def test_stop_on_rise_undoes_the_update_that_raised_the_loss(tiny_model, distance):
     # AdamW's first steps move every coordinate by about lr = 1: from 0.1 away that
     # overshoots (the loss rises at once); from 10 away every update lowers the loss.
-    groups = word_token_groups(tiny_model, PROMPT, ["cat"])
-    latent = torch.zeros(1)  # unused by the quadratic loss
-    results = {}
-    for stop in (False, True):
-        config = dataclasses.replace(
-            FORCED, lr=1.0, weight_decay=0.0, max_inner_steps=4, stop_on_rise=stop
-        )
-        stage = _Quadratic(tiny_model, PROMPT, ["cat"], groups, [None], config, STEPS)
-        start = stage.vectors.clone()
-        stage.target = start + distance
-        stage(0, 500, latent)
-        results[stop] = (start, stage.vectors, stage.trace[0]["inner_steps"])
-    assert results[False][2] == 4
-    start, vectors, updates = results[True]
+    _, free, free_updates = _one_quadratic_step(tiny_model, distance)
+    start, vectors, updates = _one_quadratic_step(tiny_model, distance, stop_on_rise=True)
+    assert free_updates == 4
     if distance < 1:
         torch.testing.assert_close(vectors, start)
         assert updates == 0
     else:
-        torch.testing.assert_close(vectors, results[False][1])
+        torch.testing.assert_close(vectors, free)
         assert updates == 4
 
 
@@ -487,20 +493,10 @@ def test_plateau_tol_ends_a_step_once_an_update_gains_too_little(
     # loss falls by 1 - (9/10)^2 = 19% of itself: under a tolerance of 50% the step ends right
     # after it; a tolerance of 0 lets a falling loss run every update. From 0.1 away the first
     # update overshoots, raises the loss and is undone.
-    groups = word_token_groups(tiny_model, PROMPT, ["cat"])
-    runs = {}
-    for plateau in (None, tol):
-        config = dataclasses.replace(
-            FORCED, lr=1.0, weight_decay=0.0, max_inner_steps=4, plateau_tol=plateau
-        )
-        stage = _Quadratic(tiny_model, PROMPT, ["cat"], groups, [None], config, STEPS)
-        start = stage.vectors.clone()
-        stage.target = start + distance
-        stage(0, 500, torch.zeros(1))
-        runs[plateau] = (stage.vectors, stage.trace[0]["inner_steps"])
-    vectors, done = runs[tol]
-    assert done == updates and runs[None][1] == 4
-    expected = {4: runs[None][0], 1: start + 1.0, 0: start}[updates]
+    _, free, free_updates = _one_quadratic_step(tiny_model, distance)
+    start, vectors, taken = _one_quadratic_step(tiny_model, distance, plateau_tol=tol)
+    assert taken == updates and free_updates == 4
+    expected = {4: free, 1: start + 1.0, 0: start}[updates]
     torch.testing.assert_close(vectors, expected)
 
 
@@ -522,18 +518,13 @@ def test_cli_plateau_tol_reaches_the_dpl_settings(tiny_model, capsys):
 def test_max_drift_pulls_vectors_back_onto_the_sphere_around_their_embedding(tiny_model, max_drift):
     # One AdamW step without weight decay moves every coordinate by exactly lr towards the
     # target; a bound keeps that direction but cuts the offset to max_drift x the row's norm.
-    groups = word_token_groups(tiny_model, PROMPT, ["cat"])
-    config = dataclasses.replace(
-        FORCED, lr=1.0, weight_decay=0.0, max_inner_steps=1, max_drift=max_drift
+    start, vectors, _ = _one_quadratic_step(
+        tiny_model, 10.0, max_inner_steps=1, max_drift=max_drift
     )
-    stage = _Quadratic(tiny_model, PROMPT, ["cat"], groups, [None], config, STEPS)
-    start = stage.vectors.clone()
-    stage.target = start + 10.0
-    stage(0, 500, torch.zeros(1))
     step = torch.ones_like(start)  # lr 1 in every coordinate
     if max_drift == 0.5:
         step = step / step.norm(dim=-1, keepdim=True) * 0.5 * start.norm(dim=-1, keepdim=True)
-    torch.testing.assert_close(stage.vectors, start + step)
+    torch.testing.assert_close(vectors, start + step)
 
 
 def test_max_drift_must_be_positive():
