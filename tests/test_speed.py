@@ -35,3 +35,15 @@ def test_report_lists_every_timing_and_share():
     assert "| NTI inversion | 2.00 | 10 |" in text
     assert "| backward | 3.00 | 75% |" in text and "1.50x" in text and "1.25x" in text
     assert "| backward | 1.00 | 50% |" in text and "1.12x" in text
+
+
+def test_a_quick_report_leaves_out_what_was_not_run():
+    record = {
+        "scene": "val-000", "prompt": "a", "target": "b", "steps": 2, "threads": 1,
+        "timings": [{"name": "NTI inversion", "seconds": 2.0, "unet_evals": 10, "note": ""}],
+        "dpl_over_nti": 1.5,
+        "plateau_dpl_over_nti": 1.125,
+    }  # fmt: skip
+    text = speed.report(record)
+    assert "1.50x (defaults), 1.12x" in text and "speed options" not in text
+    assert "Where one DPL inversion's time goes" not in text

@@ -147,8 +147,11 @@ def profile_inversion(
     return result
 
 
-def run_speed(steps: int, split: str, index: int, threads: int | None, work: Path) -> dict:
-    """Every measurement of the benchmark, in the order a user meets them."""
+def run_speed(
+    steps: int, split: str, index: int, threads: int | None, work: Path, quick: bool = False
+) -> dict:
+    """Every measurement of the benchmark, in the order a user meets them; `quick` keeps the
+    inversions, `dpl-plateau` and the edits (no `dpl run`, other speed options or profiles)."""
     image, prompt, target, nouns = _scene_image(split, index)
     timings: list[Timing] = []
     start = time.perf_counter()
@@ -172,12 +175,13 @@ def run_speed(steps: int, split: str, index: int, threads: int | None, work: Pat
             timings.append(_timed_edit(model, saved, target, label))
         finally:
             torch.set_num_threads(threads_before)
-    timings.append(_dpl_run(image, prompt, target, steps, work))
     plateau = METHODS["dpl-plateau"].dpl_config(model)
-    plateau_option = ("--plateau-tol", f"{plateau.plateau_tol:g}")
-    timings.append(_dpl_run(image, prompt, target, steps, work, plateau_option))
+    if not quick:
+        timings.append(_dpl_run(image, prompt, target, steps, work))
+        plateau_option = ("--plateau-tol", f"{plateau.plateau_tol:g}")
+        timings.append(_dpl_run(image, prompt, target, steps, work, plateau_option))
     fast = {}
-    for name in SPEED_OPTIONS:
+    for name in ("dpl-plateau",) if quick else SPEED_OPTIONS:
         method = METHODS[name]
         _, fast[name] = _timed_inversion(
             model, image, prompt, method.inversion, steps,
@@ -185,7 +189,7 @@ def run_speed(steps: int, split: str, index: int, threads: int | None, work: Pat
             **method.invert_kwargs(model, nouns),
         )  # fmt: skip
     timings += list(fast.values())
-    return {
+    record = {
         "steps": steps,
         "scene": f"{split}-{index:03d}",
         "prompt": prompt,
@@ -193,11 +197,15 @@ def run_speed(steps: int, split: str, index: int, threads: int | None, work: Pat
         "threads": torch.get_num_threads(),
         "timings": [asdict(t) for t in timings],
         "dpl_over_nti": dpl.seconds / nti.seconds,
-        "fast_dpl_over_fast_nti": fast["dpl-fast"].seconds / fast["nti-fast"].seconds,
         "plateau_dpl_over_nti": fast["dpl-plateau"].seconds / nti.seconds,
-        "profile": profile_inversion(model, image, prompt, steps),
-        "profile_plateau": profile_inversion(model, image, prompt, steps, dpl_config=plateau),
     }
+    if not quick:
+        record["fast_dpl_over_fast_nti"] = fast["dpl-fast"].seconds / fast["nti-fast"].seconds
+        record["profile"] = profile_inversion(model, image, prompt, steps)
+        record["profile_plateau"] = profile_inversion(
+            model, image, prompt, steps, dpl_config=plateau
+        )
+    return record
 
 
 def _timed_edit(model: LoadedModel, inversion: Inversion, target: str, label: str) -> Timing:
@@ -218,14 +226,16 @@ def report(record: dict) -> str:
     for t in record["timings"]:
         evals = "" if t["unet_evals"] is None else str(t["unet_evals"])
         lines.append(f"| {t['name']} | {t['seconds']:.2f} | {evals} | {t['note']} |")
-    lines += [
-        "",
-        f"DPL inversion / NTI inversion: {record['dpl_over_nti']:.2f}x (defaults), "
-        f"{record['fast_dpl_over_fast_nti']:.2f}x (both with the speed options), "
-        f"{record['plateau_dpl_over_nti']:.2f}x (`dpl-plateau` / default NTI)",
-    ]
-    profiles = {"the default DPL": record["profile"], "`dpl-plateau`": record["profile_plateau"]}
-    for name, profiled in profiles.items():
+    ratios = [f"{record['dpl_over_nti']:.2f}x (defaults)"]
+    if "fast_dpl_over_fast_nti" in record:
+        ratios.append(f"{record['fast_dpl_over_fast_nti']:.2f}x (both with the speed options)")
+    ratios.append(f"{record['plateau_dpl_over_nti']:.2f}x (`dpl-plateau` / default NTI)")
+    lines += ["", "DPL inversion / NTI inversion: " + ", ".join(ratios)]
+    profiles = {"the default DPL": "profile", "`dpl-plateau`": "profile_plateau"}
+    for name, key in profiles.items():
+        if key not in record:
+            continue
+        profiled = record[key]
         lines += [
             "",
             f"Where one DPL inversion's time goes, {name} (the engine's timers):",
@@ -252,12 +262,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--threads", type=int, help="torch threads (default: the model's, else torch's choice)"
     )
     parser.add_argument("--out", type=Path, help="write report.md and speed.json here")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the inversions, dpl-plateau and the edits only (no dpl run, other speed options "
+        "or profiles)",
+    )
     args = parser.parse_args(argv)
     try:
         if args.steps < 1:
             raise DplError("--steps must be at least 1")
         with tempfile.TemporaryDirectory() as work:
-            record = run_speed(args.steps, args.split, args.scene, args.threads, Path(work))
+            record = run_speed(
+                args.steps, args.split, args.scene, args.threads, Path(work), args.quick
+            )
     except DplError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
