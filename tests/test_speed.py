@@ -21,16 +21,22 @@ def test_profile_splits_a_dpl_inversion_into_parts_that_fit_its_total(tiny_model
     assert parts["rest (Python, DDIM updates, K-means)"] > 0
 
 
+QUICK_RECORD = {
+    "scene": "val-000", "prompt": "a", "target": "b", "steps": 2, "threads": 1,
+    "timings": [{"name": "NTI inversion", "seconds": 2.0, "unet_evals": 10, "note": ""}],
+    "dpl_over_nti": 1.5,
+    "plateau_dpl_over_nti": 1.125,
+}  # fmt: skip
+"""What `run_speed(..., quick=True)` records: no speed-option ratio, no profiles."""
+
+
 def test_report_lists_every_timing_and_share():
     record = {
-        "scene": "val-000", "prompt": "a", "target": "b", "steps": 2, "threads": 1,
-        "timings": [{"name": "NTI inversion", "seconds": 2.0, "unet_evals": 10, "note": ""}],
-        "dpl_over_nti": 1.5,
+        **QUICK_RECORD,
         "fast_dpl_over_fast_nti": 1.25,
-        "plateau_dpl_over_nti": 1.125,
         "profile": {"total": 4.0, "unet forward": 1.0, "backward": 3.0},
         "profile_plateau": {"total": 2.0, "unet forward": 0.5, "backward": 1.0},
-    }  # fmt: skip
+    }
     text = speed.report(record)
     assert "| NTI inversion | 2.00 | 10 |" in text
     assert "| backward | 3.00 | 75% |" in text and "1.50x" in text and "1.25x" in text
@@ -38,12 +44,6 @@ def test_report_lists_every_timing_and_share():
 
 
 def test_a_quick_report_leaves_out_what_was_not_run():
-    record = {
-        "scene": "val-000", "prompt": "a", "target": "b", "steps": 2, "threads": 1,
-        "timings": [{"name": "NTI inversion", "seconds": 2.0, "unet_evals": 10, "note": ""}],
-        "dpl_over_nti": 1.5,
-        "plateau_dpl_over_nti": 1.125,
-    }  # fmt: skip
-    text = speed.report(record)
+    text = speed.report(QUICK_RECORD)
     assert "1.50x (defaults), 1.12x" in text and "speed options" not in text
     assert "Where one DPL inversion's time goes" not in text
