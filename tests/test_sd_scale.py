@@ -79,3 +79,23 @@ def test_cli_reports_a_bad_folder_in_one_line(tmp_path, capsys):
     assert sd_scale.main(["--inversion", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
+
+
+def test_the_engines_pipeline_runs_on_the_sd_shaped_model():
+    """NTI, DPL and the edit run unchanged on SD-kind models (SD's full tokenizer, so the text
+    encoder keeps SD's vocabulary); each stage's passes are the engine's own counts."""
+    configs = {**TINY, "text": {**TINY["text"], "vocab_size": 49408}}
+    device = sd_scale.resolve_device("cpu")
+    model = sd_scale.random_sd_model(device, sd_scale.torch.float32, configs)
+    assert model.resolution == 16 * 8 and model.text_len == 77
+    stages = sd_scale.measure_pipeline(device, sd_scale.torch.float32, 2, configs)
+    assert [s.name.split()[0] for s in stages] == ["NTI", "DPL", "edit"]
+    nti, dpl, edited = stages
+    assert nti.unet_evals["ddim_inversion"] == dpl.unet_evals["ddim_inversion"] == 2
+    assert "dpl_tokens" in dpl.unet_evals and "dpl_tokens" not in nti.unet_evals
+    assert edited.unet_evals == {"edit": 2}
+    assert all(s.seconds > 0 and s.peak_mb > 0 for s in stages)
+    table = sd_scale.report(
+        sd_scale.measure_units(device, sd_scale.torch.float32, 1, configs), None, stages
+    )
+    assert "| DPL inversion (paper settings) |" in table

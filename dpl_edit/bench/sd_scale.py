@@ -6,9 +6,12 @@ module times the units an inversion is made of at 512x512 (a UNet pass without g
 null-text step, a DPL token step with and without stopping after the last loss layer, VAE
 encode and decode), then multiplies them by the UNet-pass counts of a real inversion (a saved
 inversion folder, e.g. one 50-step DPL run on the bundled model) to estimate seconds per image
-for NTI and DPL, and records the peak memory of one token step and one null-text step.
+for NTI and DPL, and records the peak memory of one token step and one null-text step. With
+`--pipeline-steps N` it also runs the engine's own NTI and DPL inversions and an edit on the
+SD-shaped model end to end, so the estimate is checked against a measured whole.
 
     python -m dpl_edit.bench.sd_scale --inversion runs/val-000.inv --device cuda --dtype float16
+    python -m dpl_edit.bench.sd_scale --device cuda --dtype float16 --pipeline-steps 50
 """
 
 from __future__ import annotations
@@ -21,13 +24,17 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from dpl_edit.bench.cost import peak_memory
+from dpl_edit.bench.scenes import load_rgb
+from dpl_edit.bench.world_set import world_scene
 from dpl_edit.dpl.losses import DplLossConfig, evaluate_losses
 from dpl_edit.engine.artifact import Inversion
 from dpl_edit.engine.attention import (
@@ -38,9 +45,12 @@ from dpl_edit.engine.attention import (
     last_layer,
 )
 from dpl_edit.engine.ddim import Ddim
-from dpl_edit.engine.model import resolve_device
+from dpl_edit.engine.edit import edit
+from dpl_edit.engine.inversion import invert
+from dpl_edit.engine.model import LoadedModel, ModelDefaults, resolve_device, sd_ddim_scheduler
 from dpl_edit.errors import DplError
 from dpl_edit.io.atomic import atomic_write_bytes
+from dpl_edit.world.tokenizer import build_clip_tokenizer
 
 SD15_UNET = {
     "sample_size": 64,
@@ -137,17 +147,21 @@ def build_models(device: torch.device, dtype: torch.dtype, configs: dict = SD15,
     return unet, vae, text
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so a wall-clock reading covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
     """Median seconds of `fn` over `repeats` calls, after one untimed warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _synchronize(device)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _synchronize(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
@@ -218,6 +232,80 @@ def measure_units(
     )
 
 
+@dataclass
+class PipelineStage:
+    """One stage of the engine's own pipeline on the SD-shaped model, measured whole."""
+
+    name: str
+    seconds: float
+    unet_evals: dict[str, int]
+    """UNet passes by part of the stage, as the engine counts them (`Inversion.unet_evals`)."""
+    peak_mb: float
+
+
+def random_sd_model(
+    device: torch.device, dtype: torch.dtype, configs: dict = SD15, seed: int = 0
+) -> LoadedModel:
+    """The random SD-shaped models as the engine's `LoadedModel`, with SD's full CLIP tokenizer,
+    DDIM schedule and latent size: `invert` and `edit` then run on them exactly as on a real
+    Stable Diffusion folder, with no weights on disk."""
+    unet, vae, text = build_models(device, dtype, configs, seed)
+    latent_size = int(configs["unet"]["sample_size"])
+    tokenizer = build_clip_tokenizer(model_max_length=configs["text"]["max_position_embeddings"])
+    return LoadedModel(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sd_ddim_scheduler(),
+        identity="random-sd15-shapes",
+        resolution=latent_size * 2 ** (len(configs["vae"]["block_out_channels"]) - 1),
+        latent_size=latent_size,
+        scaling_factor=float(vae.config.scaling_factor),
+        defaults=ModelDefaults.for_latent_size(latent_size),
+        device=device,
+        dtype=dtype,
+    )
+
+
+def measure_pipeline(
+    device: torch.device, dtype: torch.dtype, steps: int, configs: dict = SD15
+) -> list[PipelineStage]:
+    """NTI inversion, DPL inversion and the edit from it, timed whole on the SD-shaped model.
+
+    One validation scene of the bundled world (upscaled to the model's resolution) with its
+    prompts and nouns; DPL runs the paper's settings, what a plain SD folder gets. Random weights
+    make the adaptive loops (null-text early stop, the token stage's thresholds) run as they
+    happen to, not as on SD's weights, so each stage's UNet passes are recorded beside its time;
+    a 1-step NTI inversion first takes the first-call costs (kernel selection, allocator).
+    """
+    model = random_sd_model(device, dtype, configs)
+    scene = world_scene("val", 0)
+    image = Image.fromarray(load_rgb(scene.image))
+    invert(model, image, scene.source, method="nti", steps=1, progress=False)
+    stages: list[PipelineStage] = []
+
+    def stage(name: str, run: Callable[[], Any]) -> Any:
+        with peak_memory(device) as peak:
+            _synchronize(device)
+            start = time.perf_counter()
+            result = run()
+            _synchronize(device)
+            seconds = time.perf_counter() - start
+        stages.append(PipelineStage(name, seconds, dict(result.unet_evals), peak["peak_memory_mb"]))
+        return result
+
+    def inversion(method: str, **options: Any) -> Any:
+        return invert(
+            model, image, scene.source, method=method, steps=steps, progress=False, **options
+        )
+
+    stage("NTI inversion", lambda: inversion("nti"))
+    dpl = stage("DPL inversion (paper settings)", lambda: inversion("dpl", words=list(scene.masks)))
+    stage("edit from the DPL inversion", lambda: edit(model, dpl, scene.target, progress=False))
+    return stages
+
+
 def estimate(units: UnitCosts, counts: PassCounts) -> dict[str, float]:
     """Seconds per image for NTI and DPL from the unit costs and an inversion's pass counts.
 
@@ -232,8 +320,11 @@ def estimate(units: UnitCosts, counts: PassCounts) -> dict[str, float]:
     return {"nti_seconds": nti, "dpl_seconds": nti + tokens, "dpl_token_seconds": tokens}
 
 
-def report(units: UnitCosts, counts: PassCounts | None) -> str:
-    """A Markdown table of the unit costs and, given pass counts, the per-image estimate."""
+def report(
+    units: UnitCosts, counts: PassCounts | None, pipeline: Sequence[PipelineStage] = ()
+) -> str:
+    """Markdown tables of the unit costs, the per-image estimate given pass counts, and the
+    measured pipeline stages given them."""
     lines = [
         f"SD 1.5-shaped models (random weights), 512x512, {units.device}, {units.dtype}",
         "",
@@ -265,6 +356,20 @@ def report(units: UnitCosts, counts: PassCounts | None) -> str:
             f"Estimate per image: NTI {cost['nti_seconds']:.1f} s, DPL {cost['dpl_seconds']:.1f} s"
             f" (token stage {cost['dpl_token_seconds']:.1f} s).",
         ]
+    if pipeline:
+        lines += [
+            "",
+            "The engine's own pipeline on the SD-shaped model, measured whole:",
+            "",
+            "| stage | seconds | UNet passes | peak memory MB |",
+            "|---|---|---|---|",
+        ]
+        for stage in pipeline:
+            passes = ", ".join(f"{part} {n}" for part, n in stage.unet_evals.items())
+            lines.append(
+                f"| {stage.name} | {stage.seconds:.1f} | {sum(stage.unet_evals.values())}"
+                f" ({passes}) | {stage.peak_mb:.0f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -276,19 +381,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per unit")
+    parser.add_argument(
+        "--pipeline-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time the engine's NTI and DPL inversions (N DDIM steps) and an edit on the "
+        "SD-shaped model (default: 0, not run)",
+    )
     parser.add_argument("--out", type=Path, help="also write the result as JSON here")
     args = parser.parse_args(argv)
     try:
         if args.repeats < 1:
             raise DplError("--repeats must be at least 1")
+        if args.pipeline_steps < 0:
+            raise DplError("--pipeline-steps must be 0 (not run) or more")
         counts = None if args.inversion is None else PassCounts.from_inversion(args.inversion)
-        units = measure_units(resolve_device(args.device), getattr(torch, args.dtype), args.repeats)
+        device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
+        units = measure_units(device, dtype, args.repeats)
+        pipeline = (
+            measure_pipeline(device, dtype, args.pipeline_steps) if args.pipeline_steps else []
+        )
     except DplError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(report(units, counts), end="")
+    print(report(units, counts, pipeline), end="")
     if args.out is not None:
-        record = {"units": asdict(units), "counts": None if counts is None else asdict(counts)}
+        record = {
+            "units": asdict(units),
+            "counts": None if counts is None else asdict(counts),
+            "pipeline": [asdict(stage) for stage in pipeline],
+        }
         if counts is not None:
             record["estimate"] = estimate(units, counts)
         atomic_write_bytes(args.out, (json.dumps(record, indent=2) + "\n").encode())
