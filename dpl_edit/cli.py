@@ -171,6 +171,9 @@ def _add_dpl_options(parser: argparse.ArgumentParser, one_image: bool = True) ->
     group.add_argument("--plateau-tol", type=float, metavar="F",
                        help="end a step's token updates once one lowers the loss by less than "
                        "F of it, undoing one that raises it (faster; not in the paper)")  # fmt: skip
+    group.add_argument("--learn-until", type=float, metavar="F",
+                       help="learn the word vectors only in the first F of the steps (0 < F <= "
+                       "1); later steps keep the last ones (faster; not in the paper)")  # fmt: skip
     group.add_argument("--stop-on-rise", action="store_true",
                        help="end a step's token updates as soon as one raises the loss "
                        "(faster; not in the paper)")  # fmt: skip
@@ -201,6 +204,7 @@ _DPL_KNOBS = {
     "leak_measure": "leak_measure",
     "max_drift": "max_drift",
     "plateau_tol": "plateau_tol",
+    "learn_until": "learn_until",
 }
 """CLI option -> `DplLossConfig` field, for the options that take a value."""
 _DPL_SWITCHES = {"no_at": "use_at", "no_dj": "use_dj", "no_thresholds": "use_thresholds"}

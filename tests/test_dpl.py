@@ -514,6 +514,33 @@ def test_cli_plateau_tol_reaches_the_dpl_settings(tiny_model, capsys):
     assert _dpl_config(args, tiny_model).plateau_tol == 0.001
 
 
+def test_learn_until_keeps_the_last_learned_vectors_without_unet_calls(tiny_model):
+    # 3 steps, learn_until 0.5: steps 0 and 1 (< 1.5) learn with all 5 forced updates, step 2
+    # keeps step 1's vectors and calls the UNet only for the null text.
+    config = dataclasses.replace(FORCED, learn_until=0.5)
+    inversion = _invert(tiny_model, words=["cat", "dog"], dpl_config=config)
+    trace = inversion.extras["dpl_trace"]
+    assert [step["inner_steps"] for step in trace] == [5, 5, 0]
+    assert inversion.unet_evals["dpl_tokens"] == 10
+    vectors = inversion.dynamic_tokens.vectors
+    torch.testing.assert_close(vectors[2], vectors[1])
+    assert not torch.equal(vectors[1], vectors[0])
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5])
+def test_learn_until_must_be_a_fraction_of_the_steps(fraction):
+    with pytest.raises(DplError, match="learn_until"):
+        DplLossConfig(learn_until=fraction)
+
+
+def test_cli_learn_until_reaches_the_dpl_settings(tiny_model):
+    from dpl_edit.cli import _dpl_config, build_parser
+
+    argv = ["invert", "in.png", "--prompt", PROMPT, "--out", "out", "--method", "dpl"]
+    args = build_parser().parse_args([*argv, "--learn-until", "0.25"])
+    assert _dpl_config(args, tiny_model).learn_until == 0.25
+
+
 @pytest.mark.parametrize("max_drift", [None, 0.5, 1e6])
 def test_max_drift_pulls_vectors_back_onto_the_sphere_around_their_embedding(tiny_model, max_drift):
     # One AdamW step without weight decay moves every coordinate by exactly lr towards the

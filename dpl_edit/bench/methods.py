@@ -247,6 +247,20 @@ _TABLE = (
         {"plateau_tol": 1e-4},
     ),
     BenchMethod(
+        "dpl-early",
+        "dpl",
+        "dpl-plateau whose word vectors are learned in the first half of the steps only"
+        " (learn_until 0.5; speed option)",
+        {"plateau_tol": 1e-4, "learn_until": 0.5},
+    ),
+    BenchMethod(
+        "dpl-early25",
+        "dpl",
+        "dpl-plateau whose word vectors are learned in the first quarter of the steps only"
+        " (learn_until 0.25; speed option)",
+        {"plateau_tol": 1e-4, "learn_until": 0.25},
+    ),
+    BenchMethod(
         "dpl-others-words",
         "dpl",
         "DPL (model defaults), leakage region outside own clusters, word softmax, balancing on",

@@ -247,6 +247,13 @@ class DplLossConfig:
     the thresholds or `max_inner_steps`. Not in the paper: with the bundled model's default
     loss, after the first few steps 21 updates move the loss by under 0.1%, so nearly all of
     the token stage's UNet passes change nothing (docs/benchmarks.md, Speed)."""
+    learn_until: float = 1.0
+    """Fraction of the denoising steps, counted from the first (noisiest), in which the word
+    vectors are learned; the later steps keep the last learned vectors and cost no token-stage
+    UNet pass. 1.0 (the paper) learns at every step. Not in the paper: the layout that the
+    maps describe is settled in the early steps, and on the bundled model the vectors stop
+    moving in the second half while updates late in the schedule, where the null text has
+    the least room to follow, cost reconstruction (docs/benchmarks.md, Speed)."""
     lr: float = 1e-3
     weight_decay: float = 0.01
     max_drift: float | None = None
@@ -268,6 +275,8 @@ class DplLossConfig:
             raise DplError(f"max_drift must be > 0 (or None), got {self.max_drift}")
         if self.plateau_tol is not None and not 0 <= self.plateau_tol < 1:
             raise DplError(f"plateau_tol must be in [0, 1) (or None), got {self.plateau_tol}")
+        if not 0 < self.learn_until <= 1:
+            raise DplError(f"learn_until must be in (0, 1], got {self.learn_until}")
         if self.max_inner_steps < 0:
             raise DplError(f"max_inner_steps must be >= 0, got {self.max_inner_steps}")
         if self.gaussian_formula not in ("ae-quirk", "standard"):

@@ -187,7 +187,8 @@ class TokenStage:
     evaluated, and the loop stops as soon as they are all under their thresholds (or, with
     `stop_on_rise` or `plateau_tol`, as soon as an update raised the total loss, undoing it;
     with `plateau_tol`, also once an update lowered it by less than that fraction), else takes
-    one optimiser step. The original code's vocabulary growing and row restoring is replaced by
+    one optimiser step. Steps past `learn_until` of the schedule keep the vectors as they are,
+    with no UNet call. The original code's vocabulary growing and row restoring is replaced by
     optimising the vectors alone, which is the same update (docs/algorithm.md section 4.7).
     """
 
@@ -265,8 +266,9 @@ class TokenStage:
         report: LossReport | None = None
         before: tuple[torch.Tensor, LossReport] | None = None
         updates = 0
+        learning = step < self.config.learn_until * self.total_steps
         with torch.enable_grad():
-            for _ in range(self.config.max_inner_steps):
+            for _ in range(self.config.max_inner_steps if learning else 0):
                 report = self.losses(vectors, step, t, latent)
                 if first is None:
                     first = report
