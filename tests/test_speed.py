@@ -25,7 +25,7 @@ QUICK_RECORD = {
     "scene": "val-000", "prompt": "a", "target": "b", "steps": 2, "threads": 1,
     "timings": [{"name": "NTI inversion", "seconds": 2.0, "unet_evals": 10, "note": ""}],
     "dpl_over_nti": 1.5,
-    "plateau_dpl_over_nti": 1.125,
+    "options_over_nti": {"dpl-plateau": 1.125, "dpl-early": 0.75},
 }  # fmt: skip
 """What `run_speed(..., quick=True)` records: no speed-option ratio, no profiles."""
 
@@ -45,5 +45,6 @@ def test_report_lists_every_timing_and_share():
 
 def test_a_quick_report_leaves_out_what_was_not_run():
     text = speed.report(QUICK_RECORD)
-    assert "1.50x (defaults), 1.12x" in text and "speed options" not in text
+    assert "1.50x (defaults), 1.12x (`dpl-plateau`" in text and "speed options" not in text
+    assert "0.75x (`dpl-early` / default NTI)" in text
     assert "Where one DPL inversion's time goes" not in text

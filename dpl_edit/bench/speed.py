@@ -3,7 +3,9 @@
 On one built-in scene: loading the model, a first call (warm-up), NTI inversion, DPL inversion
 (the model's DPL defaults), an edit from a saved DPL inversion, `dpl run` end to end in a
 fresh process, and NTI and DPL inversions with the speed options (bench rows `nti-fast`,
-`dpl-fast`, `dpl-plateau`), each with its UNet passes; the edit also at two threads. Then one
+`dpl-fast`, `dpl-plateau`, `dpl-early`, `dpl-early25`), each with its UNet passes; the edit
+also at two threads and on the model loaded in bfloat16 (with its PSNR against the float32
+edit: on CPUs with bfloat16 matrix units the edit's batched passes run faster). Then one
 more DPL inversion with the defaults and one as `dpl-plateau`, each timed by the engine's
 labelled timers (`dpl_edit.engine.timers`), split into UNet forward passes (with the attention
 hooks inside them shown apart), backward passes, optimiser steps, DPL's loss code, text
@@ -67,8 +69,10 @@ class Timing:
     note: str = ""
 
 
-SPEED_OPTIONS = ("nti-fast", "dpl-fast", "dpl-plateau")
+SPEED_OPTIONS = ("nti-fast", "dpl-fast", "dpl-plateau", "dpl-early", "dpl-early25")
 """Benchmark rows (`dpl_edit.bench.methods`) with the speed options, timed beside the defaults."""
+QUICK_OPTIONS = ("dpl-plateau", "dpl-early", "dpl-early25")
+"""The speed options a `--quick` run times: DPL's stopping rules."""
 EDIT_THREADS = 2
 """The edit is also timed at this many torch threads: it runs the UNet at batch 3 without
 gradients, where a second thread may pay although it does not for the inversions."""
@@ -151,7 +155,8 @@ def run_speed(
     steps: int, split: str, index: int, threads: int | None, work: Path, quick: bool = False
 ) -> dict:
     """Every measurement of the benchmark, in the order a user meets them; `quick` keeps the
-    inversions, `dpl-plateau` and the edits (no `dpl run`, other speed options or profiles)."""
+    inversions, DPL's stopping rules (`QUICK_OPTIONS`) and the edits (no `dpl run`, other
+    speed options or profiles)."""
     image, prompt, target, nouns = _scene_image(split, index)
     timings: list[Timing] = []
     start = time.perf_counter()
@@ -166,22 +171,24 @@ def run_speed(
     timings += [nti, dpl]
     dpl_inversion.save(work / "dpl.inv", overwrite=True)
     saved = Inversion.load(work / "dpl.inv", model)
-    timings.append(_timed_edit(model, saved, target, "edit from the saved DPL inversion"))
+    timing, edited = _timed_edit(model, saved, target, "edit from the saved DPL inversion")
+    timings.append(timing)
     threads_before = torch.get_num_threads()
     if threads_before != EDIT_THREADS and (os.cpu_count() or 1) >= EDIT_THREADS:
         torch.set_num_threads(EDIT_THREADS)
         try:
             label = f"edit from the saved DPL inversion, {EDIT_THREADS} threads"
-            timings.append(_timed_edit(model, saved, target, label))
+            timings.append(_timed_edit(model, saved, target, label)[0])
         finally:
             torch.set_num_threads(threads_before)
+    timings.append(_bfloat16_edit(image, prompt, target, threads, work, edited))
     plateau = METHODS["dpl-plateau"].dpl_config(model)
     if not quick:
         timings.append(_dpl_run(image, prompt, target, steps, work))
         plateau_option = ("--plateau-tol", f"{plateau.plateau_tol:g}")
         timings.append(_dpl_run(image, prompt, target, steps, work, plateau_option))
     fast = {}
-    for name in ("dpl-plateau",) if quick else SPEED_OPTIONS:
+    for name in QUICK_OPTIONS if quick else SPEED_OPTIONS:
         method = METHODS[name]
         _, fast[name] = _timed_inversion(
             model, image, prompt, method.inversion, steps,
@@ -197,7 +204,9 @@ def run_speed(
         "threads": torch.get_num_threads(),
         "timings": [asdict(t) for t in timings],
         "dpl_over_nti": dpl.seconds / nti.seconds,
-        "plateau_dpl_over_nti": fast["dpl-plateau"].seconds / nti.seconds,
+        "options_over_nti": {
+            name: fast[name].seconds / nti.seconds for name in fast if name.startswith("dpl")
+        },
     }
     if not quick:
         record["fast_dpl_over_fast_nti"] = fast["dpl-fast"].seconds / fast["nti-fast"].seconds
@@ -208,10 +217,34 @@ def run_speed(
     return record
 
 
-def _timed_edit(model: LoadedModel, inversion: Inversion, target: str, label: str) -> Timing:
+def _timed_edit(
+    model: LoadedModel, inversion: Inversion, target: str, label: str
+) -> tuple[Timing, Image.Image]:
     start = time.perf_counter()
     result = edit(model, inversion, target, progress=False)
-    return Timing(label, time.perf_counter() - start, result.unet_evals["edit"])
+    timing = Timing(label, time.perf_counter() - start, result.unet_evals["edit"])
+    return timing, result.image
+
+
+def _bfloat16_edit(
+    image: Image.Image,
+    prompt: str,
+    target: str,
+    threads: int | None,
+    work: Path,
+    reference: Image.Image,
+) -> Timing:
+    """The same edit from the same saved (float32) inversion on the model loaded in bfloat16
+    (`dpl edit --dtype bfloat16`), after its own 1-step warm-up, with its PSNR against the
+    float32 edit `reference`."""
+    model = load_model(dtype="bfloat16")
+    use_threads(model, threads)
+    invert(model, image, prompt, method="nti", steps=1, progress=False)
+    saved = Inversion.load(work / "dpl.inv", model)
+    label = "edit from the saved DPL inversion, model in bfloat16"
+    timing, edited = _timed_edit(model, saved, target, label)
+    timing.note = f"PSNR {psnr(np.asarray(reference), np.asarray(edited)):.1f} dB vs float32 edit"
+    return timing
 
 
 def report(record: dict) -> str:
@@ -229,7 +262,8 @@ def report(record: dict) -> str:
     ratios = [f"{record['dpl_over_nti']:.2f}x (defaults)"]
     if "fast_dpl_over_fast_nti" in record:
         ratios.append(f"{record['fast_dpl_over_fast_nti']:.2f}x (both with the speed options)")
-    ratios.append(f"{record['plateau_dpl_over_nti']:.2f}x (`dpl-plateau` / default NTI)")
+    for name, ratio in record["options_over_nti"].items():
+        ratios.append(f"{ratio:.2f}x (`{name}` / default NTI)")
     lines += ["", "DPL inversion / NTI inversion: " + ", ".join(ratios)]
     profiles = {"the default DPL": "profile", "`dpl-plateau`": "profile_plateau"}
     for name, key in profiles.items():
@@ -265,8 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="the inversions, dpl-plateau and the edits only (no dpl run, other speed options "
-        "or profiles)",
+        help="the inversions, DPL's stopping rules (dpl-plateau, dpl-early, dpl-early25) and "
+        "the edits only (no dpl run, other speed options or profiles)",
     )
     args = parser.parse_args(argv)
     try:
