@@ -687,7 +687,7 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    from dpl_edit.world.training.run import TrainRequest
+    from dpl_edit.world.training.request import TrainRequest
 
     defaults = TrainRequest()
     parser.add_argument("--run", type=Path, default=defaults.run,
@@ -717,7 +717,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> Summary:
-    from dpl_edit.world.training.run import TrainRequest, train
+    from dpl_edit.world.training.request import TrainRequest
+    from dpl_edit.world.training.run import train
 
     names = [field.name for field in fields(TrainRequest)]  # each has its option
     model = train(TrainRequest(**{name: getattr(args, name) for name in names}))

@@ -78,6 +78,14 @@ def test_importing_the_package_does_not_import_torch():
     assert result.stdout.strip() == "False", result.stderr
 
 
+def test_the_commands_help_does_not_import_torch():
+    # Building the parser shows every command's defaults (train-world's too); none may need
+    # torch, or `dpl --help` and every one-line argument error take seconds.
+    code = "import sys; from dpl_edit.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
+
+
 def test_no_import_cycles():
     graph = _imports()
     state: dict[str, int] = {}

@@ -25,14 +25,11 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
-from dpl_edit.engine.settings import DEVICES, DTYPES
+from dpl_edit.engine.settings import BUNDLED_MODEL, BUNDLED_MODELS, DEVICES, DTYPES
 from dpl_edit.engine.timers import timed
 from dpl_edit.errors import DplError
 from dpl_edit.io.images import tensor_to_arrays
 
-BUNDLED_MODELS = Path(__file__).parent.parent / "models"
-"""Models shipped with the package, each a diffusers SD folder, addressed by folder name."""
-BUNDLED_MODEL = BUNDLED_MODELS / "world"
 DEFAULTS_FILE = "dpl_defaults.json"
 _DTYPES = {name: getattr(torch, name) for name in DTYPES}
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")

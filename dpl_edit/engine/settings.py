@@ -8,7 +8,12 @@ why this module must not import torch (help would take seconds).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, get_args
+
+BUNDLED_MODELS = Path(__file__).parent.parent / "models"
+"""Models shipped with the package, each a diffusers SD folder, addressed by folder name."""
+BUNDLED_MODEL = BUNDLED_MODELS / "world"
 
 METHODS = ("ddim", "nti", "dpl")
 """Inversion methods: plain DDIM inversion, null-text inversion, NTI with Dynamic Prompt Learning."""

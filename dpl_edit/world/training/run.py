@@ -10,49 +10,22 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from dpl_edit.engine.model import BUNDLED_MODEL, DEFAULTS_FILE
+from dpl_edit.engine.model import DEFAULTS_FILE
 from dpl_edit.errors import DplError
 from dpl_edit.io.atomic import atomic_write_bytes
 from dpl_edit.world.training.data import TrainConfig, build_components
 from dpl_edit.world.training.export import export, seed_run
+from dpl_edit.world.training.request import TrainRequest
 from dpl_edit.world.training.unet import train_unet
 from dpl_edit.world.training.vae import latent_scale, train_decoder, train_vae
 
 _STEP_COUNTS = ("vae_steps", "unet_steps", "decoder_steps", "lr_decay_from")
-
-
-@dataclass(frozen=True)
-class TrainRequest:
-    """What one training call asks for: where to work, and which of the run's settings change.
-
-    Settings left None keep the run's (its `config.json`, else the shipped model's recipe when
-    resuming from one, else `TrainConfig`'s defaults).
-    """
-
-    run: Path = Path("runs/world")
-    out: Path = BUNDLED_MODEL
-    seed: int = 0
-    """Seed of a new run (a resumed run keeps its own)."""
-    threads: int = 0
-    """CPU threads (0: torch's default)."""
-    vae_steps: int | None = None
-    unet_steps: int | None = None
-    decoder_steps: int | None = None
-    attn_guide_weight: float | None = None
-    sink_weight: float | None = None
-    """Weight of the start-token sink term (`unet.sink_guide`; 0 = off)."""
-    ema_decay: float | None = None
-    """Decay of the exported EMA weights; a short fine-tune needs a shorter memory than 0.999."""
-    lr_decay_from: int | None = None
-    resume_from: Path | None = None
-    """A shipped model folder to start an empty run from."""
-    export_only: bool = False
 
 
 def _check(request: TrainRequest) -> None:
