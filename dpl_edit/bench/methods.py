@@ -254,6 +254,13 @@ _TABLE = (
         {"plateau_tol": 1e-4, "learn_until": 0.5},
     ),
     BenchMethod(
+        "dpl-early75",
+        "dpl",
+        "dpl-plateau whose word vectors are learned in the first three quarters of the steps only"
+        " (learn_until 0.75; speed option)",
+        {"plateau_tol": 1e-4, "learn_until": 0.75},
+    ),
+    BenchMethod(
         "dpl-early25",
         "dpl",
         "dpl-plateau whose word vectors are learned in the first quarter of the steps only"
