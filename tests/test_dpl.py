@@ -500,18 +500,26 @@ def test_plateau_tol_ends_a_step_once_an_update_gains_too_little(
     torch.testing.assert_close(vectors, expected)
 
 
-@pytest.mark.parametrize("tol", [-0.1, 1.0])
-def test_plateau_tol_must_be_a_fraction(tol):
-    with pytest.raises(DplError, match="plateau_tol"):
-        DplLossConfig(plateau_tol=tol)
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("plateau_tol", -0.1), ("plateau_tol", 1.0)]
+    + [("learn_until", fraction) for fraction in (0.0, -0.5, 1.5)],
+)
+def test_stopping_rules_must_be_fractions(name, value):
+    with pytest.raises(DplError, match=name):
+        DplLossConfig(**{name: value})
 
 
-def test_cli_plateau_tol_reaches_the_dpl_settings(tiny_model, capsys):
+@pytest.mark.parametrize(
+    ("option", "name", "value"),
+    [("--plateau-tol", "plateau_tol", 0.001), ("--learn-until", "learn_until", 0.25)],
+)
+def test_cli_stopping_rules_reach_the_dpl_settings(tiny_model, option, name, value):
     from dpl_edit.cli import _dpl_config, build_parser
 
     argv = ["invert", "in.png", "--prompt", PROMPT, "--out", "out", "--method", "dpl"]
-    args = build_parser().parse_args([*argv, "--plateau-tol", "0.001"])
-    assert _dpl_config(args, tiny_model).plateau_tol == 0.001
+    args = build_parser().parse_args([*argv, option, str(value)])
+    assert getattr(_dpl_config(args, tiny_model), name) == value
 
 
 def test_learn_until_keeps_the_last_learned_vectors_without_unet_calls(tiny_model):
@@ -525,20 +533,6 @@ def test_learn_until_keeps_the_last_learned_vectors_without_unet_calls(tiny_mode
     vectors = inversion.dynamic_tokens.vectors
     torch.testing.assert_close(vectors[2], vectors[1])
     assert not torch.equal(vectors[1], vectors[0])
-
-
-@pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5])
-def test_learn_until_must_be_a_fraction_of_the_steps(fraction):
-    with pytest.raises(DplError, match="learn_until"):
-        DplLossConfig(learn_until=fraction)
-
-
-def test_cli_learn_until_reaches_the_dpl_settings(tiny_model):
-    from dpl_edit.cli import _dpl_config, build_parser
-
-    argv = ["invert", "in.png", "--prompt", PROMPT, "--out", "out", "--method", "dpl"]
-    args = build_parser().parse_args([*argv, "--learn-until", "0.25"])
-    assert _dpl_config(args, tiny_model).learn_until == 0.25
 
 
 @pytest.mark.parametrize("max_drift", [None, 0.5, 1e6])

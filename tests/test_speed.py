@@ -27,7 +27,8 @@ QUICK_RECORD = {
     "dpl_over_nti": 1.5,
     "options_over_nti": {"dpl-plateau": 1.125, "dpl-early": 0.75},
 }  # fmt: skip
-"""What `run_speed(..., quick=True)` records: no speed-option ratio, no profiles."""
+"""What `run_speed(..., quick=True)` records: no `--fast` ratio (`fast_dpl_over_fast_nti`), no
+profiles."""
 
 
 def test_report_lists_every_timing_and_share():

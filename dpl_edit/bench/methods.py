@@ -247,27 +247,6 @@ _TABLE = (
         {"plateau_tol": 1e-4},
     ),
     BenchMethod(
-        "dpl-early",
-        "dpl",
-        "dpl-plateau whose word vectors are learned in the first half of the steps only"
-        " (learn_until 0.5; speed option)",
-        {"plateau_tol": 1e-4, "learn_until": 0.5},
-    ),
-    BenchMethod(
-        "dpl-early75",
-        "dpl",
-        "dpl-plateau whose word vectors are learned in the first three quarters of the steps only"
-        " (learn_until 0.75; speed option)",
-        {"plateau_tol": 1e-4, "learn_until": 0.75},
-    ),
-    BenchMethod(
-        "dpl-early25",
-        "dpl",
-        "dpl-plateau whose word vectors are learned in the first quarter of the steps only"
-        " (learn_until 0.25; speed option)",
-        {"plateau_tol": 1e-4, "learn_until": 0.25},
-    ),
-    BenchMethod(
         "dpl-others-words",
         "dpl",
         "DPL (model defaults), leakage region outside own clusters, word softmax, balancing on",
@@ -280,6 +259,22 @@ _TABLE = (
         {**_WORDS, **_FRACTION, **_COARSE},
         "paper",
     ),
+)
+_EARLY = (
+    ("dpl-early25", 0.25, "quarter"),
+    ("dpl-early", 0.5, "half"),
+    ("dpl-early75", 0.75, "three quarters"),
+)
+"""The speed rows that stop learning the word vectors part-way (`learn_until`), with plateau."""
+_TABLE += tuple(
+    BenchMethod(
+        name,
+        "dpl",
+        f"dpl-plateau whose word vectors are learned in the first {part} of the steps only"
+        f" (learn_until {until}; speed option)",
+        {"plateau_tol": 1e-4, "learn_until": until},
+    )
+    for name, until, part in _EARLY
 )
 METHODS: dict[str, BenchMethod] = {m.name: m for m in _TABLE}
 DEFAULT_METHODS = ("ddim", "nti", "dpl")

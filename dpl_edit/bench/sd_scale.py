@@ -33,7 +33,6 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from dpl_edit.bench.cost import peak_memory
-from dpl_edit.bench.scenes import load_rgb
 from dpl_edit.bench.world_set import world_scene
 from dpl_edit.dpl.losses import DplLossConfig, evaluate_losses
 from dpl_edit.engine.artifact import Inversion
@@ -47,7 +46,7 @@ from dpl_edit.engine.attention import (
 from dpl_edit.engine.ddim import Ddim
 from dpl_edit.engine.edit import edit
 from dpl_edit.engine.inversion import invert
-from dpl_edit.engine.model import LoadedModel, ModelDefaults, resolve_device, sd_ddim_scheduler
+from dpl_edit.engine.model import LoadedModel, resolve_device, sd_ddim_scheduler
 from dpl_edit.errors import DplError
 from dpl_edit.io.atomic import atomic_write_bytes
 from dpl_edit.world.tokenizer import build_clip_tokenizer
@@ -250,21 +249,9 @@ def random_sd_model(
     DDIM schedule and latent size: `invert` and `edit` then run on them exactly as on a real
     Stable Diffusion folder, with no weights on disk."""
     unet, vae, text = build_models(device, dtype, configs, seed)
-    latent_size = int(configs["unet"]["sample_size"])
     tokenizer = build_clip_tokenizer(model_max_length=configs["text"]["max_position_embeddings"])
-    return LoadedModel(
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=sd_ddim_scheduler(),
-        identity="random-sd15-shapes",
-        resolution=latent_size * 2 ** (len(configs["vae"]["block_out_channels"]) - 1),
-        latent_size=latent_size,
-        scaling_factor=float(vae.config.scaling_factor),
-        defaults=ModelDefaults.for_latent_size(latent_size),
-        device=device,
-        dtype=dtype,
+    return LoadedModel.from_components(
+        vae, text, tokenizer, unet, sd_ddim_scheduler(), "random-sd15-shapes", device, dtype
     )
 
 
@@ -281,7 +268,7 @@ def measure_pipeline(
     """
     model = random_sd_model(device, dtype, configs)
     scene = world_scene("val", 0)
-    image = Image.fromarray(load_rgb(scene.image))
+    image = Image.fromarray(scene.source_image())
     invert(model, image, scene.source, method="nti", steps=1, progress=False)
     stages: list[PipelineStage] = []
 

@@ -300,8 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--quick",
         action="store_true",
         help="the inversions, DPL's stopping rules (dpl-plateau, dpl-early75, dpl-early, "
-        "dpl-early25) and "
-        "the edits only (no dpl run, other speed options or profiles)",
+        "dpl-early25) and the edits only (no dpl run, other speed options or profiles)",
     )
     args = parser.parse_args(argv)
     try:

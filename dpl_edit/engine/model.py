@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +83,39 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     unet_evals: int = field(default=0)
+
+    @classmethod
+    def from_components(
+        cls,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: DDIMScheduler,
+        identity: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        defaults: Callable[[int], ModelDefaults] = ModelDefaults.for_latent_size,
+    ) -> LoadedModel:
+        """Wrap loaded components, reading the latent size, image resolution and latent scale
+        from their configs; `defaults` gets the latent size (a folder's file, else SD's)."""
+        sample_size = unet.config.sample_size
+        latent_size = int(sample_size if isinstance(sample_size, int) else sample_size[0])
+        vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        return cls(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            identity=identity,
+            resolution=latent_size * vae_factor,
+            latent_size=latent_size,
+            scaling_factor=float(vae.config.scaling_factor),
+            defaults=defaults(latent_size),
+            device=device,
+            dtype=dtype,
+        )
 
     @property
     def text_len(self) -> int:
@@ -360,20 +393,7 @@ def load_model(
     text_encoder.to(dtype=torch_dtype)
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False).eval().to(torch_device)
-    sample_size = unet.config.sample_size
-    latent_size = int(sample_size if isinstance(sample_size, int) else sample_size[0])
-    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    return LoadedModel(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=_scheduler(folder),
-        identity=_identity(folder, name),
-        resolution=latent_size * vae_factor,
-        latent_size=latent_size,
-        scaling_factor=float(vae.config.scaling_factor),
-        defaults=_read_defaults(folder, latent_size),
-        device=torch_device,
-        dtype=torch_dtype,
-    )
+    return LoadedModel.from_components(
+        vae, text_encoder, tokenizer, unet, _scheduler(folder), _identity(folder, name),
+        torch_device, torch_dtype, defaults=lambda latent_size: _read_defaults(folder, latent_size),
+    )  # fmt: skip
