@@ -99,3 +99,16 @@ def test_the_engines_pipeline_runs_on_the_sd_shaped_model():
         sd_scale.measure_units(device, sd_scale.torch.float32, 1, configs), None, stages
     )
     assert "| DPL inversion (paper settings) |" in table
+
+
+def test_overhead_probe_times_each_batch_and_leaves_graphs_to_the_gpu():
+    cpu = sd_scale.resolve_device("cpu")
+    overhead = sd_scale.measure_overhead(cpu, sd_scale.torch.float32, 1, TINY)
+    assert sorted(overhead.forward_by_batch) == [1, 2, 4]
+    assert all(seconds > 0 for seconds in overhead.forward_by_batch.values())
+    assert overhead.null_step > 0
+    assert overhead.graphed_forward is None and overhead.graphed_null_step is None
+    text = sd_scale.report(
+        sd_scale.measure_units(cpu, sd_scale.torch.float32, 1, TINY), None, (), overhead
+    )
+    assert "| eager forward, batch 4 |" in text and "| graphed forward, batch 1 | - |" in text

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -293,6 +294,93 @@ def measure_pipeline(
     return stages
 
 
+@dataclass
+class Overhead:
+    """How much of a UNet pass is the host's work (Python, kernel launches) rather than the
+    device's arithmetic: if a batch of 4 costs about what a batch of 1 costs, or a CUDA graph's
+    replay of the same pass is much faster, the pass is launch-bound and fewer, larger or
+    graph-captured calls are the lever, not cheaper arithmetic."""
+
+    device: str
+    dtype: str
+    forward_by_batch: dict[int, float]
+    """Seconds of an eager UNet pass without gradient, by batch size."""
+    null_step: float
+    """Seconds of an eager forward + backward to the text embedding (a null-text step's core)."""
+    graphed_forward: float | None
+    """The batch-1 pass without gradient replayed from a CUDA graph (GPU only)."""
+    graphed_null_step: float | None
+    """The forward + backward through `torch.cuda.make_graphed_callables` (GPU only)."""
+    notes: list[str]
+    """Why a graphed figure is missing, if it is."""
+
+
+def measure_overhead(
+    device: torch.device, dtype: torch.dtype, repeats: int, configs: dict = SD15
+) -> Overhead:
+    """Time the UNet pass eagerly at batch 1, 2 and 4 and, on a GPU, replayed from CUDA graphs.
+
+    The timestep is a device tensor so that no host-to-device copy happens inside a capture.
+    """
+    unet, _, _ = build_models(device, dtype, configs)
+    size, dim = configs["unet"]["sample_size"], configs["unet"]["cross_attention_dim"]
+    text_len = configs["text"]["max_position_embeddings"]
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor(500, device=device)
+
+    def inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        latent = torch.randn(batch, 4, size, size, generator=g).to(device, dtype)
+        context = torch.randn(batch, text_len, dim, generator=g).to(device, dtype)
+        return latent, context
+
+    def unet_call(latent: torch.Tensor, context: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return unet(latent, t, encoder_hidden_states=context).sample
+
+    by_batch = {}
+    with torch.no_grad():
+        for batch in (1, 2, 4):
+            latent, context = inputs(batch)
+            by_batch[batch] = _timed(partial(unet_call, latent, context, t), repeats, device)
+    latent, context = inputs(1)
+    context.requires_grad_(True)
+
+    def null_step(call: Callable[..., torch.Tensor]) -> None:
+        call(latent, context, t).float().square().mean().backward()
+
+    eager_null = _timed(lambda: null_step(unet_call), repeats, device)
+    graphed_forward = graphed_null = None
+    notes = []
+    if device.type == "cuda":
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.no_grad():
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(3):
+                        unet_call(latent, context, t)
+                torch.cuda.current_stream().wait_stream(side)
+                with torch.cuda.graph(graph):
+                    unet_call(latent, context, t)
+            graphed_forward = _timed(graph.replay, repeats, device)
+        except RuntimeError as error:
+            notes.append(f"graphed forward: {error}")
+        try:
+            graphed = torch.cuda.make_graphed_callables(unet_call, (latent, context, t))
+            graphed_null = _timed(lambda: null_step(graphed), repeats, device)
+        except RuntimeError as error:
+            notes.append(f"graphed null step: {error}")
+    return Overhead(
+        str(device),
+        str(dtype).removeprefix("torch."),
+        by_batch,
+        eager_null,
+        graphed_forward,
+        graphed_null,
+        notes,
+    )
+
+
 def estimate(units: UnitCosts, counts: PassCounts) -> dict[str, float]:
     """Seconds per image for NTI and DPL from the unit costs and an inversion's pass counts.
 
@@ -308,10 +396,13 @@ def estimate(units: UnitCosts, counts: PassCounts) -> dict[str, float]:
 
 
 def report(
-    units: UnitCosts, counts: PassCounts | None, pipeline: Sequence[PipelineStage] = ()
+    units: UnitCosts,
+    counts: PassCounts | None,
+    pipeline: Sequence[PipelineStage] = (),
+    overhead: Overhead | None = None,
 ) -> str:
-    """Markdown tables of the unit costs, the per-image estimate given pass counts, and the
-    measured pipeline stages given them."""
+    """Markdown tables of the unit costs, the per-image estimate given pass counts, the
+    measured pipeline stages and the launch-overhead probe, each given."""
     lines = [
         f"SD 1.5-shaped models (random weights), 512x512, {units.device}, {units.dtype}",
         "",
@@ -357,6 +448,18 @@ def report(
                 f"| {stage.name} | {stage.seconds:.1f} | {sum(stage.unet_evals.values())}"
                 f" ({passes}) | {stage.peak_mb:.0f} |"
             )
+    if overhead is not None:
+        lines += ["", "Launch overhead (eager against CUDA-graph replay):", ""]
+        lines += ["| pass | seconds |", "|---|---|"]
+        for batch, seconds in overhead.forward_by_batch.items():
+            lines.append(f"| eager forward, batch {batch} | {seconds:.4f} |")
+        rows = [
+            ("eager forward + backward to the text embedding", overhead.null_step),
+            ("graphed forward, batch 1", overhead.graphed_forward),
+            ("graphed forward + backward", overhead.graphed_null_step),
+        ]
+        lines += [f"| {name} | {'-' if v is None else f'{v:.4f}'} |" for name, v in rows]
+        lines += [f"Note: {note.splitlines()[0]}" for note in overhead.notes]
     return "\n".join(lines) + "\n"
 
 
@@ -376,6 +479,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also time the engine's NTI and DPL inversions (N DDIM steps) and an edit on the "
         "SD-shaped model (default: 0, not run)",
     )
+    parser.add_argument(
+        "--overhead",
+        action="store_true",
+        help="also time the UNet pass at batch 1, 2 and 4 and, on a GPU, replayed from CUDA "
+        "graphs (how much of a pass is launch overhead)",
+    )
     parser.add_argument("--out", type=Path, help="also write the result as JSON here")
     args = parser.parse_args(argv)
     try:
@@ -386,18 +495,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         counts = None if args.inversion is None else PassCounts.from_inversion(args.inversion)
         device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
         units = measure_units(device, dtype, args.repeats)
+        overhead = measure_overhead(device, dtype, args.repeats) if args.overhead else None
         pipeline = (
             measure_pipeline(device, dtype, args.pipeline_steps) if args.pipeline_steps else []
         )
     except DplError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(report(units, counts, pipeline), end="")
+    print(report(units, counts, pipeline, overhead), end="")
     if args.out is not None:
         record = {
             "units": asdict(units),
             "counts": None if counts is None else asdict(counts),
             "pipeline": [asdict(stage) for stage in pipeline],
+            "overhead": None if overhead is None else asdict(overhead),
         }
         if counts is not None:
             record["estimate"] = estimate(units, counts)
