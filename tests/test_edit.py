@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
 
+from dpl_edit.engine import edit as edit_module
+from dpl_edit.engine.attention import attention_layers
 from dpl_edit.engine.edit import cross_replace_alpha, edit
 from dpl_edit.engine.inversion import invert, reconstruct
 from dpl_edit.engine.text import DynamicTokens
@@ -168,6 +171,8 @@ def test_an_edit_retraces_the_stored_source_path_with_a_smaller_batch(
         return predict(latents, t, context)
 
     monkeypatch.setattr(tiny_model, "predict", counting)
+    inversion.edit_cache.clear()
+    monkeypatch.setattr(edit_module, "SOURCE_REPLAY_MAX_BYTES", 0)  # too big to keep: no replay
     kwargs = {"blend": ["dog", "lion"], "reweight": {"lion": 2.0}, "progress": False}
     retraced = edit(tiny_model, inversion, "a cat and a lion", **kwargs)
     assert set(rows) == {3}  # target unconditional, source and target conditional
@@ -181,7 +186,43 @@ def test_an_edit_retraces_the_stored_source_path_with_a_smaller_batch(
     torch.testing.assert_close(retraced.latents, recomputed.latents, atol=1e-4, rtol=0)
     torch.testing.assert_close(retraced.attention, recomputed.attention, atol=1e-5, rtol=0)
     torch.testing.assert_close(retraced.blend_mask, recomputed.blend_mask)
+    assert inversion.edit_cache == {}
     # Another guidance than the inversion's leaves the stored path: the source is recomputed.
     rows.clear()
     edit(tiny_model, inversion, "a cat and a lion", guidance=3.0, progress=False)
     assert set(rows) == {4}
+
+
+def test_later_edits_replay_the_source_attention_in_a_batch_of_two(
+    tiny_model, inversion, monkeypatch
+):
+    inversion.edit_cache.clear()
+    rows = []
+    predict = tiny_model.predict
+
+    def counting(latents, t, context):
+        rows.append(latents.shape[0])
+        return predict(latents, t, context)
+
+    monkeypatch.setattr(tiny_model, "predict", counting)
+    kwargs = {"blend": ["dog", "lion"], "reweight": {"lion": 2.0}, "progress": False}
+    edit(tiny_model, inversion, "a cat and a lion", **kwargs)
+    assert set(rows) == {3}
+    (recorded,) = inversion.edit_cache.values()
+    held = sum(m.numel() * m.element_size() for m in recorded.maps.values())
+    layers = list(attention_layers(tiny_model.unet).values())
+    assert held == recorded.size_bytes(layers, inversion.steps, tiny_model.text_len, 4) > 0
+    for target in ("a cat and a lion", "a lion and a dog"):
+        rows.clear()
+        replayed = edit(tiny_model, inversion, target, **kwargs)
+        assert set(rows) == {2}  # target unconditional and conditional only
+        rows.clear()
+        full = edit(tiny_model, dataclasses.replace(inversion, edit_cache={}), target, **kwargs)
+        assert set(rows) == {3}
+        torch.testing.assert_close(replayed.latents, full.latents, atol=1e-4, rtol=0)
+        torch.testing.assert_close(replayed.attention, full.attention, atol=1e-5, rtol=0)
+        torch.testing.assert_close(replayed.blend_mask, full.blend_mask)
+    # Another self-attention window reads other source maps: recorded anew, beside the first.
+    rows.clear()
+    edit(tiny_model, inversion, "a cat and a lion", self_replace_steps=0.2, progress=False)
+    assert set(rows) == {3} and len(inversion.edit_cache) == 2
