@@ -157,20 +157,33 @@ def test_edit_refuses_an_inversion_of_another_model(tiny_model, inversion):
         inversion.model_identity = tiny_model.identity
 
 
+@pytest.fixture
+def rows(tiny_model, monkeypatch) -> list[int]:
+    """The batch size of every UNet call the test makes, in order."""
+    calls: list[int] = []
+    predict = tiny_model.predict
+
+    def counting(latents, t, context):
+        calls.append(latents.shape[0])
+        return predict(latents, t, context)
+
+    monkeypatch.setattr(tiny_model, "predict", counting)
+    return calls
+
+
+def _assert_same_edit(a, b) -> None:
+    torch.testing.assert_close(a.latents, b.latents, atol=1e-4, rtol=0)
+    torch.testing.assert_close(a.attention, b.attention, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.blend_mask, b.blend_mask)
+
+
 def test_an_edit_retraces_the_stored_source_path_with_a_smaller_batch(
-    tiny_model, inversion, monkeypatch
+    tiny_model, inversion, rows, monkeypatch
 ):
     # The stored path is the guided replay of the inversion (computed independently here).
     latent, _ = reconstruct(tiny_model, inversion)
     torch.testing.assert_close(inversion.trajectory[-1:], latent.float(), atol=1e-5, rtol=0)
-    rows = []
-    predict = tiny_model.predict
-
-    def counting(latents, t, context):
-        rows.append(latents.shape[0])
-        return predict(latents, t, context)
-
-    monkeypatch.setattr(tiny_model, "predict", counting)
+    rows.clear()
     inversion.edit_cache.clear()
     monkeypatch.setattr(edit_module, "SOURCE_REPLAY_MAX_BYTES", 0)  # too big to keep: no replay
     kwargs = {"blend": ["dog", "lion"], "reweight": {"lion": 2.0}, "progress": False}
@@ -183,9 +196,7 @@ def test_an_edit_retraces_the_stored_source_path_with_a_smaller_batch(
         assert set(rows) == {4}
     finally:
         inversion.trajectory = trajectory
-    torch.testing.assert_close(retraced.latents, recomputed.latents, atol=1e-4, rtol=0)
-    torch.testing.assert_close(retraced.attention, recomputed.attention, atol=1e-5, rtol=0)
-    torch.testing.assert_close(retraced.blend_mask, recomputed.blend_mask)
+    _assert_same_edit(retraced, recomputed)
     assert inversion.edit_cache == {}
     # Another guidance than the inversion's leaves the stored path: the source is recomputed.
     rows.clear()
@@ -193,18 +204,8 @@ def test_an_edit_retraces_the_stored_source_path_with_a_smaller_batch(
     assert set(rows) == {4}
 
 
-def test_later_edits_replay_the_source_attention_in_a_batch_of_two(
-    tiny_model, inversion, monkeypatch
-):
+def test_later_edits_replay_the_source_attention_in_a_batch_of_two(tiny_model, inversion, rows):
     inversion.edit_cache.clear()
-    rows = []
-    predict = tiny_model.predict
-
-    def counting(latents, t, context):
-        rows.append(latents.shape[0])
-        return predict(latents, t, context)
-
-    monkeypatch.setattr(tiny_model, "predict", counting)
     kwargs = {"blend": ["dog", "lion"], "reweight": {"lion": 2.0}, "progress": False}
     edit(tiny_model, inversion, "a cat and a lion", **kwargs)
     assert set(rows) == {3}
@@ -219,9 +220,7 @@ def test_later_edits_replay_the_source_attention_in_a_batch_of_two(
         rows.clear()
         full = edit(tiny_model, dataclasses.replace(inversion, edit_cache={}), target, **kwargs)
         assert set(rows) == {3}
-        torch.testing.assert_close(replayed.latents, full.latents, atol=1e-4, rtol=0)
-        torch.testing.assert_close(replayed.attention, full.attention, atol=1e-5, rtol=0)
-        torch.testing.assert_close(replayed.blend_mask, full.blend_mask)
+        _assert_same_edit(replayed, full)
     # Another self-attention window reads other source maps: recorded anew, beside the first.
     rows.clear()
     edit(tiny_model, inversion, "a cat and a lion", self_replace_steps=0.2, progress=False)
