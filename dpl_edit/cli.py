@@ -168,9 +168,10 @@ def _add_dpl_options(parser: argparse.ArgumentParser, one_image: bool = True) ->
                        "background in the cell (the paper code's dilated mask)")  # fmt: skip
     group.add_argument("--gaussian-formula", choices=["ae-quirk", "standard"],
                        help="balancing-loss smoothing: the paper code's (ae-quirk) or textbook")  # fmt: skip
-    group.add_argument("--plateau-tol", type=float, metavar="F",
+    group.add_argument("--plateau-tol", type=_plateau, metavar="F",
                        help="end a step's token updates once one lowers the loss by less than "
-                       "F of it, undoing one that raises it (faster; not in the paper)")  # fmt: skip
+                       "F of it, undoing one that raises it (faster; not in the paper); "
+                       "'none': no such rule")  # fmt: skip
     group.add_argument("--learn-until", type=float, metavar="F",
                        help="learn the word vectors only in the first F of the steps (0 < F <= "
                        "1); later steps keep the last ones (faster; not in the paper)")  # fmt: skip
@@ -229,6 +230,19 @@ def _drift(text: str) -> float | str:
     return value
 
 
+def _plateau(text: str) -> float | str:
+    """--plateau-tol's value: a number in [0, 1), or 'none' for no plateau rule."""
+    if text.strip().lower() == _UNBOUNDED:
+        return _UNBOUNDED
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) or 'none', got {text}")
+    return value
+
+
 def _dpl_config(args: argparse.Namespace, model, any_method: bool = False) -> Any:
     """DPL's settings: the model's defaults (or the paper's, with --paper-settings) with the
     options given on top, or None when none was (so that `invert` can refuse them for another
@@ -249,8 +263,9 @@ def _dpl_config(args: argparse.Namespace, model, any_method: bool = False) -> An
         values["stop_on_rise"] = True
     if "loss_res" in values:
         values["loss_res"] = tuple(values["loss_res"])
-    if values.get("max_drift") == _UNBOUNDED:
-        values["max_drift"] = None
+    for field in ("max_drift", "plateau_tol"):
+        if values.get(field) == _UNBOUNDED:
+            values[field] = None
     if not values and not args.paper_settings:
         return None
     return replace(DplLossConfig() if args.paper_settings else default_config(model), **values)

@@ -553,23 +553,39 @@ def test_max_drift_must_be_positive():
         DplLossConfig(max_drift=0.0)
 
 
-@pytest.mark.parametrize(("value", "expected"), [(None, 0.5), ("0.3", 0.3), ("none", None)])
-def test_cli_max_drift_overrides_the_models_bound(tiny_model_dir, tmp_path, value, expected):
+@pytest.mark.parametrize(
+    ("option", "field", "model_value", "value", "expected"),
+    [
+        ("--max-drift", "max_drift", 0.5, None, 0.5),
+        ("--max-drift", "max_drift", 0.5, "0.3", 0.3),
+        ("--max-drift", "max_drift", 0.5, "none", None),
+        ("--plateau-tol", "plateau_tol", 1e-4, None, 1e-4),
+        ("--plateau-tol", "plateau_tol", 1e-4, "0.001", 0.001),
+        ("--plateau-tol", "plateau_tol", 1e-4, "none", None),
+    ],
+)
+def test_cli_option_or_none_overrides_the_models_setting(
+    tiny_model_dir, tmp_path, option, field, model_value, value, expected
+):
     from dpl_edit.cli import _dpl_config, build_parser
 
-    model = _model_with_dpl_defaults(tiny_model_dir, tmp_path, {"max_drift": 0.5})
+    model = _model_with_dpl_defaults(tiny_model_dir, tmp_path, {field: model_value})
     argv = ["invert", "in.png", "--prompt", PROMPT, "--out", "out", "--method", "dpl"]
-    args = build_parser().parse_args(argv + ([] if value is None else ["--max-drift", value]))
+    args = build_parser().parse_args(argv + ([] if value is None else [option, value]))
     config = _dpl_config(args, model)
-    assert (config or default_config(model)).max_drift == expected
+    assert getattr(config or default_config(model), field) == expected
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "inf", "wide"])
-def test_cli_max_drift_refuses_what_is_not_a_positive_number(value, capsys):
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--max-drift", v) for v in ("0", "-1", "inf", "wide")]
+    + [("--plateau-tol", v) for v in ("1", "-0.1", "wide")],
+)
+def test_cli_refuses_a_bound_out_of_range(option, value, capsys):
     from dpl_edit.cli import build_parser
 
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["invert", "in.png", "--prompt", PROMPT, "--out", "o",
-                                   "--max-drift", value])  # fmt: skip
+                                   option, value])  # fmt: skip
     assert exit_info.value.code == 2
-    assert "--max-drift" in capsys.readouterr().err
+    assert option in capsys.readouterr().err
