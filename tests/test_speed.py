@@ -36,7 +36,7 @@ def test_report_lists_every_timing_and_share():
         **QUICK_RECORD,
         "fast_dpl_over_fast_nti": 1.25,
         "profile": {"total": 4.0, "unet forward": 1.0, "backward": 3.0},
-        "profile_plateau": {"total": 2.0, "unet forward": 0.5, "backward": 1.0},
+        "profile_full": {"total": 2.0, "unet forward": 0.5, "backward": 1.0},
     }
     text = speed.report(record)
     assert "| NTI inversion | 2.00 | 10 |" in text

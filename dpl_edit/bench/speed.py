@@ -4,10 +4,11 @@ On one built-in scene: loading the model, a first call (warm-up), NTI inversion,
 (the model's DPL defaults), an edit from a saved DPL inversion and a second edit from the same
 loaded inversion (which replays the source branch's attention), `dpl run` end to end in a
 fresh process, and NTI and DPL inversions with the speed options (bench rows `nti-fast`,
-`dpl-fast`, `dpl-plateau`, `dpl-early75`, `dpl-early`, `dpl-early25`), each with its UNet
+`dpl-fast`, `dpl-full`, `dpl-plateau`, `dpl-early`, `dpl-early25`), each with its UNet
 passes; the edit also at two threads and on the model loaded in bfloat16 (with its PSNR
 against the float32 edit, so that a faster precision is seen to keep the picture). Then one
-more DPL inversion with the defaults and one as `dpl-plateau`, each timed by the engine's
+more DPL inversion with the defaults and one as `dpl-full` (the defaults without their stopping
+rules, the bundled models' default before the ninth session), each timed by the engine's
 labelled timers (`dpl_edit.engine.timers`), split into UNet forward passes (with the attention
 hooks inside them shown apart), backward passes, optimiser steps, DPL's loss code, text
 encoding and the rest (Python, DDIM updates, K-means), so the next person knows where the time
@@ -70,10 +71,10 @@ class Timing:
     note: str = ""
 
 
-SPEED_OPTIONS = ("nti-fast", "dpl-fast", "dpl-plateau", "dpl-early75", "dpl-early", "dpl-early25")
+SPEED_OPTIONS = ("nti-fast", "dpl-fast", "dpl-full", "dpl-plateau", "dpl-early", "dpl-early25")
 """Benchmark rows (`dpl_edit.bench.methods`) with the speed options, timed beside the defaults."""
-QUICK_OPTIONS = ("dpl-plateau", "dpl-early75", "dpl-early", "dpl-early25")
-"""The speed options a `--quick` run times: DPL's stopping rules."""
+QUICK_OPTIONS = ("dpl-full", "dpl-plateau", "dpl-early", "dpl-early25")
+"""The speed options a `--quick` run times: DPL's stopping rules (`dpl-full`: none of them)."""
 EDIT_THREADS = 2
 """The edit is also timed at this many torch threads: it runs the UNet at batch 3 without
 gradients, where a second thread may pay although it does not for the inversions."""
@@ -104,20 +105,13 @@ def _timed_inversion(
     )
 
 
-def _dpl_run(
-    image: Image.Image,
-    prompt: str,
-    target: str,
-    steps: int,
-    folder: Path,
-    options: Sequence[str] = (),
-) -> Timing:
-    """`dpl run` (with `options`) in a fresh process: what a user of the command waits for."""
+def _dpl_run(image: Image.Image, prompt: str, target: str, steps: int, folder: Path) -> Timing:
+    """`dpl run` in a fresh process: what a user of the command waits for."""
     image.save(folder / "scene.png")
     command = [
         sys.executable, "-m", "dpl_edit.cli", "run", str(folder / "scene.png"), "--prompt", prompt,
         "--target", target,
-        "--out", str(folder / "edit.png"), "--steps", str(steps), "--json", *options,
+        "--out", str(folder / "edit.png"), "--steps", str(steps), "--json",
     ]  # fmt: skip
     # The same thread count as this process, so the rows compare.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
@@ -126,8 +120,7 @@ def _dpl_run(
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise DplError(f"dpl run failed: {done.stderr.strip().splitlines()[-1]}")
-    name = " ".join(["`dpl run", *options]) + "` end to end (new process)"
-    return Timing(name, seconds, note="load + DPL + edit + files")
+    return Timing("`dpl run` end to end (new process)", seconds, note="load + DPL + edit + files")
 
 
 def profile_inversion(
@@ -181,11 +174,8 @@ def run_speed(
         finally:
             torch.set_num_threads(threads_before)
     timings.append(_bfloat16_edit(image, prompt, target, threads, work, edited))
-    plateau = METHODS["dpl-plateau"].dpl_config(model)
     if not quick:
         timings.append(_dpl_run(image, prompt, target, steps, work))
-        plateau_option = ("--plateau-tol", f"{plateau.plateau_tol:g}")
-        timings.append(_dpl_run(image, prompt, target, steps, work, plateau_option))
     fast = {}
     for name in QUICK_OPTIONS if quick else SPEED_OPTIONS:
         method = METHODS[name]
@@ -210,8 +200,8 @@ def run_speed(
     if not quick:
         record["fast_dpl_over_fast_nti"] = fast["dpl-fast"].seconds / fast["nti-fast"].seconds
         record["profile"] = profile_inversion(model, image, prompt, steps)
-        record["profile_plateau"] = profile_inversion(
-            model, image, prompt, steps, dpl_config=plateau
+        record["profile_full"] = profile_inversion(
+            model, image, prompt, steps, dpl_config=METHODS["dpl-full"].dpl_config(model)
         )
     return record
 
@@ -276,7 +266,7 @@ def report(record: dict) -> str:
     for name, ratio in record["options_over_nti"].items():
         ratios.append(f"{ratio:.2f}x (`{name}` / default NTI)")
     lines += ["", "DPL inversion / NTI inversion: " + ", ".join(ratios)]
-    profiles = {"the default DPL": "profile", "`dpl-plateau`": "profile_plateau"}
+    profiles = {"the default DPL": "profile", "`dpl-full` (no stopping rules)": "profile_full"}
     for name, key in profiles.items():
         if key not in record:
             continue
@@ -310,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="the inversions, DPL's stopping rules (dpl-plateau, dpl-early75, dpl-early, "
+        help="the inversions, DPL's stopping rules (dpl-full, dpl-plateau, dpl-early, "
         "dpl-early25) and the edits only (no dpl run, other speed options or profiles)",
     )
     args = parser.parse_args(argv)
