@@ -5,15 +5,7 @@ from __future__ import annotations
 import torch
 
 from dpl_edit.engine.attention import AttnLayer, CrossAttentionStore
-from dpl_edit.engine.p2p import (
-    AttentionRefine,
-    AttentionReplace,
-    AttentionReweight,
-    LocalBlend,
-    SourceAttention,
-    SourceRecorder,
-    SourceReplay,
-)
+from dpl_edit.engine.p2p import AttentionRefine, AttentionReplace, AttentionReweight, LocalBlend
 
 TOKENS, STEPS = 6, 10
 CROSS = AttnLayer("x.attn2", is_cross=True, res=4, heads=2)
@@ -107,24 +99,3 @@ def test_local_blend_mask_and_blending():
     blended = blend(latents, 2)
     torch.testing.assert_close(blended[0], latents[0])
     torch.testing.assert_close(blended[1], expected.expand(4, 8, 8))
-
-
-def test_replayed_source_rows_give_the_controller_what_the_full_batch_gives():
-    full = _probs()[1:]  # [null_t, cond_s, cond_t]: an edit beside the stored source path
-    source = SourceAttention(self_steps=(0, 5), self_max_res=4)
-    recorder = SourceRecorder(source)
-    for step in (2, 7):
-        recorder.begin_step(step)
-        for layer in (CROSS, SELF):
-            recorder(full, layer)
-    # Self-attention is kept only inside its copy window (step 2, not 7); cross at every step.
-    assert set(source.maps) == {(2, CROSS.name), (2, SELF.name), (7, CROSS.name)}
-    targets = full[[0, 2]]  # [null_t, cond_t]: the same edit without the source's row
-    for step in (2, 7):
-        expected_controller = AttentionReplace(torch.eye(TOKENS), **_windows())
-        replay = SourceReplay(source, [AttentionReplace(torch.eye(TOKENS), **_windows())])
-        expected_controller.begin_step(step)
-        replay.begin_step(step)
-        for layer in (CROSS, SELF):
-            expected = expected_controller(full, layer)[[0, 2]]
-            torch.testing.assert_close(replay(targets, layer), expected)

@@ -153,7 +153,6 @@ def run_job(model: LoadedModel, task: tuple[Job, BatchSettings]) -> JobOutcome:
             outcome.traceback = traceback.format_exc()
         outcome.seconds = {"job": time.perf_counter() - start}
         return outcome
-    inversion.edit_cache.clear()  # the job's edits are done: not worth sending between processes
     outcome.inversion, outcome.edits = inversion, edits
     outcome.seconds = {**inversion.timings, "edit": sum(e.timings["edit"] for e in edits)}
     outcome.seconds["job"] = time.perf_counter() - start

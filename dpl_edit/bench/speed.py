@@ -1,8 +1,7 @@
 """The speed benchmark: what a user waits for, measured side by side in one run, and why.
 
 On one built-in scene: loading the model, a first call (warm-up), NTI inversion, DPL inversion
-(the model's DPL defaults), an edit from a saved DPL inversion and a second edit from the same
-loaded inversion (which replays the source branch's attention), `dpl run` end to end in a
+(the model's DPL defaults), an edit from a saved DPL inversion, `dpl run` end to end in a
 fresh process, and NTI and DPL inversions with the speed options (bench rows `nti-fast`,
 `dpl-fast`, `dpl-full`, `dpl-plateau`, `dpl-early`, `dpl-early25`), each with its UNet
 passes; the edit also at two threads and on the model loaded in bfloat16 (with its PSNR
@@ -164,13 +163,15 @@ def run_speed(
     dpl_inversion, dpl = _timed_inversion(model, image, prompt, "dpl", steps)
     timings += [nti, dpl]
     dpl_inversion.save(work / "dpl.inv", overwrite=True)
-    edits, edited = _edits(model, work / "dpl.inv", target)
-    timings += edits
+    saved = Inversion.load(work / "dpl.inv", model)
+    timing, edited = _timed_edit(model, saved, target, "edit from the saved DPL inversion")
+    timings.append(timing)
     threads_before = torch.get_num_threads()
     if threads_before != EDIT_THREADS and (os.cpu_count() or 1) >= EDIT_THREADS:
         torch.set_num_threads(EDIT_THREADS)
         try:
-            timings += _edits(model, work / "dpl.inv", target, f", {EDIT_THREADS} threads")[0]
+            label = f"edit from the saved DPL inversion, {EDIT_THREADS} threads"
+            timings.append(_timed_edit(model, saved, target, label)[0])
         finally:
             torch.set_num_threads(threads_before)
     timings.append(_bfloat16_edit(image, prompt, target, threads, work, edited))
@@ -213,18 +214,6 @@ def _timed_edit(
     result = edit(model, inversion, target, progress=False)
     timing = Timing(label, time.perf_counter() - start, result.unet_evals["edit"])
     return timing, result.image
-
-
-def _edits(
-    model: LoadedModel, folder: Path, target: str, suffix: str = ""
-) -> tuple[list[Timing], Image.Image]:
-    """The first edit from a freshly loaded inversion (batch 3: it records the source branch's
-    attention) and a second one from the same object, which replays it (batch 2): what a user
-    trying several edits of one image meets."""
-    saved = Inversion.load(folder, model)
-    first, image = _timed_edit(model, saved, target, f"edit from the saved DPL inversion{suffix}")
-    label = f"another edit from it (source attention replayed){suffix}"
-    return [first, _timed_edit(model, saved, target, label)[0]], image
 
 
 def _bfloat16_edit(

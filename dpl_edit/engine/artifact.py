@@ -46,9 +46,6 @@ class Inversion:
     noisiest first. An edit's source branch retraces exactly this path, so `edit` reads it
     instead of recomputing the source's unconditional pass. None for DDIM inversions (their
     guided replay is not fitted) and for folders saved before it was stored."""
-    edit_cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
-    """Work derived from this inversion that later edits reuse (the source branch's attention,
-    `engine.p2p.SourceAttention`), kept in memory only: never saved."""
 
     @property
     def steps(self) -> int:

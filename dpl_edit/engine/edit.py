@@ -21,12 +21,7 @@ from tqdm.auto import tqdm
 
 from dpl_edit.engine.align import refinement_mapper, replacement_mapper
 from dpl_edit.engine.artifact import Inversion
-from dpl_edit.engine.attention import (
-    AttentionController,
-    CrossAttentionStore,
-    attention_layers,
-    controlled_attention,
-)
+from dpl_edit.engine.attention import AttentionController, CrossAttentionStore, controlled_attention
 from dpl_edit.engine.ddim import Ddim, denoise_beside_source, denoise_step
 from dpl_edit.engine.model import LoadedModel, same_model
 from dpl_edit.engine.p2p import (
@@ -35,9 +30,6 @@ from dpl_edit.engine.p2p import (
     AttentionReplace,
     AttentionReweight,
     LocalBlend,
-    SourceAttention,
-    SourceRecorder,
-    SourceReplay,
 )
 from dpl_edit.engine.settings import MODES, TARGET_TOKENS, EditSettings, TargetTokens
 from dpl_edit.engine.text import (
@@ -51,11 +43,6 @@ from dpl_edit.errors import DplError
 from dpl_edit.io.images import save_png
 
 Window = float | tuple[float, float]
-
-SOURCE_REPLAY_MAX_BYTES = 512 * 2**20
-"""The most memory an inversion may keep for replaying its source branch's attention in later
-edits (`SourceAttention`): tens of MB on the bundled models; at Stable Diffusion's size it
-would be GBs, so there every edit runs the source's conditional pass instead."""
 
 
 @dataclass
@@ -234,26 +221,6 @@ def _edit_embeddings(
     return torch.cat([source_row, cache["target"]])
 
 
-def _source_key(model: LoadedModel, controller: AttentionEdit) -> tuple:
-    """What the source branch's attention depends on beyond the inversion itself."""
-    window = (controller.self_steps, controller.self_max_res)
-    return ("source_attention", model.identity, str(model.device), str(model.dtype), window)
-
-
-def _source_attention(
-    model: LoadedModel, inversion: Inversion, controller: AttentionEdit
-) -> tuple[SourceAttention | None, SourceAttention | None]:
-    """(recorded attention to replay, or None; else a new one to record, or None if too big)."""
-    key = _source_key(model, controller)
-    if key in inversion.edit_cache:
-        return inversion.edit_cache[key], None
-    record = SourceAttention(controller.self_steps, controller.self_max_res)
-    layers = list(attention_layers(model.unet).values())
-    itemsize = torch.empty((), dtype=model.dtype).element_size()
-    size = record.size_bytes(layers, inversion.steps, model.text_len, itemsize)
-    return None, record if size <= SOURCE_REPLAY_MAX_BYTES else None
-
-
 @torch.no_grad()
 def edit(
     model: LoadedModel,
@@ -313,17 +280,10 @@ def edit(
     ddim = Ddim(model.scheduler, steps)
     latents = inversion.latents[-1:].to(model.device, model.dtype).expand(2, -1, -1, -1)
     # At the inversion's own guidance the source branch retraces the stored path, so only the
-    # source's attention (its conditional pass) is computed, not its unconditional one; and
-    # once one edit has recorded that attention, later edits replay it instead.
+    # source's attention (its conditional pass) is computed, not its unconditional one.
     path = inversion.trajectory if guidance == inversion.guidance else None
-    replay = record = None
     if path is not None:
         path = path.to(model.device, model.dtype)
-        replay, record = _source_attention(model, inversion, plan.controller)
-    if replay is not None:
-        controllers = [SourceReplay(replay, controllers)]
-    elif record is not None:
-        controllers = [SourceRecorder(record), *controllers]
     cache: dict[str, torch.Tensor] = {}
     with controlled_attention(model.unet, controllers) as chain:
         for i, t in enumerate(tqdm(ddim.timesteps, desc="editing", disable=not progress)):
@@ -333,18 +293,13 @@ def edit(
             if path is None:
                 latents = denoise_step(model, ddim, latents, t, null, cond, guidance)
             else:
-                if replay is None:
-                    targets = denoise_beside_source(
-                        model, ddim, path[i : i + 1], latents[1:], t, null, cond, guidance
-                    )
-                else:
-                    targets = denoise_step(model, ddim, latents[1:], t, null, cond[1:], guidance)
+                targets = denoise_beside_source(
+                    model, ddim, path[i : i + 1], latents[1:], t, null, cond, guidance
+                )
                 latents = torch.cat([path[i + 1 : i + 2], targets])
             chain.end_step()
             if local_blend is not None:
                 latents = local_blend(latents, i)
-    if record is not None:
-        inversion.edit_cache[_source_key(model, plan.controller)] = record
     source_image, edited_image = model.decode_latents(latents)
     return EditResult(
         image=edited_image,

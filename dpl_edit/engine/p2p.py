@@ -9,17 +9,10 @@ keeps the layout while the new words change the content.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 
-from dpl_edit.engine.attention import (
-    AttentionController,
-    AttnLayer,
-    ControllerChain,
-    CrossAttentionStore,
-)
+from dpl_edit.engine.attention import AttentionController, AttnLayer, CrossAttentionStore
 
 
 class AttentionEdit(AttentionController):
@@ -95,90 +88,6 @@ class AttentionReweight(AttentionEdit):
     def inject(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         injected = source if self.base is None else self.base.inject(source, target)
         return injected * self.scales.to(source)
-
-
-class SourceAttention:
-    """The source branch's attention probabilities, recorded in one edit, replayed in the next.
-
-    At the inversion's own guidance the source branch retraces the stored trajectory with the
-    same embeddings whatever the target, so its attention is the same in every edit from that
-    inversion. Replaying it drops the source's conditional pass: the edit's UNet batch goes from
-    3 rows to 2. Recorded is what the controllers read from the source row: every
-    cross-attention layer at every step, and the self-attention layers of side <= `self_max_res`
-    in the steps `self_steps` where the edit copies them.
-    """
-
-    def __init__(self, self_steps: tuple[int, int], self_max_res: int) -> None:
-        self.self_steps = self_steps
-        self.self_max_res = self_max_res
-        self.maps: dict[tuple[int, str], torch.Tensor] = {}
-
-    def layer_wanted(self, layer: AttnLayer) -> bool:
-        return layer.is_cross or layer.res <= self.self_max_res
-
-    def wanted(self, layer: AttnLayer, step: int) -> bool:
-        """Whether the source row of `layer` at `step` is recorded."""
-        return layer.is_cross or (
-            layer.res <= self.self_max_res and self.self_steps[0] <= step < self.self_steps[1]
-        )
-
-    def size_bytes(
-        self, layers: Sequence[AttnLayer], steps: int, text_len: int, itemsize: int
-    ) -> int:
-        """What recording `steps` steps of these layers will hold, before recording them."""
-        cross = sum(layer.heads * layer.res**2 * text_len for layer in layers if layer.is_cross)
-        copied = sum(
-            layer.heads * layer.res**4
-            for layer in layers
-            if not layer.is_cross and layer.res <= self.self_max_res
-        )
-        self_steps = max(0, min(self.self_steps[1], steps) - self.self_steps[0])
-        return (cross * steps + copied * self_steps) * itemsize
-
-
-class SourceRecorder(AttentionController):
-    """Keeps the source row [heads, queries, keys] of each wanted layer in a `SourceAttention`.
-
-    Runs in a batch whose conditional half starts with the source (`denoise_beside_source`)."""
-
-    def __init__(self, source: SourceAttention) -> None:
-        self.source = source
-
-    def wants(self, layer: AttnLayer) -> bool:
-        return self.source.layer_wanted(layer)
-
-    def __call__(self, probs: torch.Tensor, layer: AttnLayer) -> torch.Tensor:
-        if self.source.wanted(layer, self.step):
-            self.source.maps[(self.step, layer.name)] = probs[probs.shape[0] // 2].detach().clone()
-        return probs
-
-
-class SourceReplay(AttentionController):
-    """Runs `controllers` on a batch [uncond..., cond...] of the targets alone as if it held the
-    source's conditional row: they see [uncond..., source, cond...] with the recorded source
-    maps, and the row is dropped again before the attention output."""
-
-    def __init__(self, source: SourceAttention, controllers: Sequence[AttentionController]):
-        self.source = source
-        self.chain = ControllerChain(controllers)
-
-    def wants(self, layer: AttnLayer) -> bool:
-        return any(controller.wants(layer) for controller in self.chain.controllers)
-
-    def __call__(self, probs: torch.Tensor, layer: AttnLayer) -> torch.Tensor:
-        recorded = self.source.maps.get((self.step, layer.name))
-        if recorded is None:  # a self-attention layer outside the copy window: no row is read
-            return self.chain(probs, layer)
-        n = probs.shape[0] // 2
-        edited = self.chain(torch.cat([probs[:n], recorded[None].to(probs), probs[n:]]), layer)
-        return torch.cat([edited[:n], edited[n + 1 :]])
-
-    def begin_step(self, step: int) -> None:
-        super().begin_step(step)
-        self.chain.begin_step(step)
-
-    def end_step(self) -> None:
-        self.chain.end_step()
 
 
 class LocalBlend:
