@@ -217,30 +217,27 @@ _DPL_FLAGS = {"stop_on_rise": "stop_on_rise"}
 _UNBOUNDED = "none"
 
 
-def _drift(text: str) -> float | str:
-    """--max-drift's value: a positive number, or 'none' for unbounded vectors."""
-    if text.strip().lower() == _UNBOUNDED:
-        return _UNBOUNDED
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number or 'none', got {text}")
-    return value
+def _number_or_none(valid: Callable[[float], bool], rule: str) -> Callable[[str], float | str]:
+    """An argparse type: a number for which `valid` holds, or 'none' to turn the setting off."""
+
+    def parse(text: str) -> float | str:
+        if text.strip().lower() == _UNBOUNDED:
+            return _UNBOUNDED
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"must be {rule} or 'none', got {text}")
+        return value
+
+    return parse
 
 
-def _plateau(text: str) -> float | str:
-    """--plateau-tol's value: a number in [0, 1), or 'none' for no plateau rule."""
-    if text.strip().lower() == _UNBOUNDED:
-        return _UNBOUNDED
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1) or 'none', got {text}")
-    return value
+_drift = _number_or_none(lambda value: 0 < value < float("inf"), "a positive number")
+"""--max-drift's value: 'none' leaves the learned vectors unbounded."""
+_plateau = _number_or_none(lambda value: 0 <= value < 1, "in [0, 1)")
+"""--plateau-tol's value: 'none' turns the plateau rule off."""
 
 
 def _dpl_config(args: argparse.Namespace, model, any_method: bool = False) -> Any:
