@@ -108,6 +108,13 @@ def _add_inversion_options(parser: argparse.ArgumentParser, one_image: bool = Tr
     parser.add_argument(
         "--resize", action="store_true", help="stretch non-square images instead of cropping"
     )
+    if one_image:
+        parser.add_argument(
+            "--cuda-graphs",
+            action="store_true",
+            help="replay the inversion's UNet passes with gradient from CUDA graphs (GPU only;"
+            " the same result, several times faster at Stable Diffusion size)",
+        )
     _add_dpl_options(parser, one_image)
 
 
@@ -353,7 +360,9 @@ def _load_model(args: argparse.Namespace):
 
 def _invert(args: argparse.Namespace, model, image) -> Any:
     from dpl_edit.engine.inversion import invert
+    from dpl_edit.engine.model import use_cuda_graphs
 
+    use_cuda_graphs(model, args.cuda_graphs)
     return invert(
         model,
         image,

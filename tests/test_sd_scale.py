@@ -9,6 +9,7 @@ import pytest
 from dpl_edit.bench import sd_scale
 from dpl_edit.dpl.losses import DplLossConfig
 from dpl_edit.engine.inversion import invert
+from dpl_edit.errors import DplError
 
 TINY = {
     "unet": {
@@ -88,7 +89,8 @@ def test_the_engines_pipeline_runs_on_the_sd_shaped_model():
     device = sd_scale.resolve_device("cpu")
     model = sd_scale.random_sd_model(device, sd_scale.torch.float32, configs)
     assert model.resolution == 16 * 8 and model.text_len == 77
-    stages = sd_scale.measure_pipeline(device, sd_scale.torch.float32, 2, configs)
+    stages, differences = sd_scale.measure_pipeline(device, sd_scale.torch.float32, 2, configs)
+    assert differences == {}
     assert [s.name.split()[0] for s in stages] == ["NTI", "DPL", "edit"]
     nti, dpl, edited = stages
     assert nti.unet_evals["ddim_inversion"] == dpl.unet_evals["ddim_inversion"] == 2
@@ -112,3 +114,9 @@ def test_overhead_probe_times_each_batch_and_leaves_graphs_to_the_gpu():
         sd_scale.measure_units(cpu, sd_scale.torch.float32, 1, TINY), None, (), overhead
     )
     assert "| eager forward, batch 4 |" in text and "| graphed forward, batch 1 | - |" in text
+
+
+def test_pipeline_refuses_cuda_graphs_off_the_gpu():
+    cpu = sd_scale.resolve_device("cpu")
+    with pytest.raises(DplError, match="CUDA device"):
+        sd_scale.measure_pipeline(cpu, sd_scale.torch.float32, 2, TINY, graphs="on")

@@ -47,7 +47,12 @@ from dpl_edit.engine.attention import (
 from dpl_edit.engine.ddim import Ddim
 from dpl_edit.engine.edit import edit
 from dpl_edit.engine.inversion import invert
-from dpl_edit.engine.model import LoadedModel, resolve_device, sd_ddim_scheduler
+from dpl_edit.engine.model import (
+    LoadedModel,
+    resolve_device,
+    sd_ddim_scheduler,
+    use_cuda_graphs,
+)
 from dpl_edit.errors import DplError
 from dpl_edit.io.atomic import atomic_write_bytes
 from dpl_edit.world.tokenizer import build_clip_tokenizer
@@ -260,9 +265,29 @@ def random_sd_model(
     )
 
 
+GRAPH_MODES = ("off", "on", "both")
+"""`measure_pipeline`'s CUDA-graph modes: eager only, graphed only, or eager then graphed with
+the largest differences between their results."""
+
+
+def _differences(eager: Any, graphed: Any) -> dict[str, float]:
+    """Largest absolute differences between an eager and a graphed inversion's results."""
+    diffs = {"null_embeddings": (eager.null_embeddings - graphed.null_embeddings).abs().max()}
+    if eager.trajectory is not None and graphed.trajectory is not None:
+        diffs["trajectory"] = (eager.trajectory - graphed.trajectory).abs().max()
+    if eager.dynamic_tokens is not None and graphed.dynamic_tokens is not None:
+        vectors = eager.dynamic_tokens.vectors - graphed.dynamic_tokens.vectors
+        diffs["word_vectors"] = vectors.abs().max()
+    return {name: float(value) for name, value in diffs.items()}
+
+
 def measure_pipeline(
-    device: torch.device, dtype: torch.dtype, steps: int, configs: dict = SD15
-) -> list[PipelineStage]:
+    device: torch.device,
+    dtype: torch.dtype,
+    steps: int,
+    configs: dict = SD15,
+    graphs: str = "off",
+) -> tuple[list[PipelineStage], dict[str, dict[str, float]]]:
     """NTI inversion, DPL inversion and the edit from it, timed whole on the SD-shaped model.
 
     One validation scene of the bundled world (upscaled to the model's resolution) with its
@@ -270,11 +295,17 @@ def measure_pipeline(
     make the adaptive loops (null-text early stop, the token stage's thresholds) run as they
     happen to, not as on SD's weights, so each stage's UNet passes are recorded beside its time;
     a 1-step NTI inversion first takes the first-call costs (kernel selection, allocator).
+    `graphs` ("on" or "both", GPU only) replays the inversions' UNet passes with gradient from
+    CUDA graphs (`use_cuda_graphs`); with "both", the eager stages run first and the second
+    value returned holds, per inversion, the largest differences between the two runs' results.
     """
+    if graphs not in GRAPH_MODES:
+        raise DplError(f"unknown CUDA-graph mode {graphs!r}; choose one of {GRAPH_MODES}")
+    if graphs != "off" and device.type != "cuda":
+        raise DplError("CUDA graphs need a CUDA device (--device cuda)")
     model = random_sd_model(device, dtype, configs)
     scene = world_scene("val", 0)
     image = Image.fromarray(scene.source_image())
-    invert(model, image, scene.source, method="nti", steps=1, progress=False)
     stages: list[PipelineStage] = []
 
     def stage(name: str, run: Callable[[], Any]) -> Any:
@@ -287,15 +318,33 @@ def measure_pipeline(
         stages.append(PipelineStage(name, seconds, dict(result.unet_evals), peak["peak_memory_mb"]))
         return result
 
-    def inversion(method: str, **options: Any) -> Any:
+    def inversion(method: str, steps: int = steps, **options: Any) -> Any:
         return invert(
             model, image, scene.source, method=method, steps=steps, progress=False, **options
         )
 
-    stage("NTI inversion", lambda: inversion("nti"))
-    dpl = stage("DPL inversion (paper settings)", lambda: inversion("dpl", words=list(scene.masks)))
-    stage("edit from the DPL inversion", lambda: edit(model, dpl, scene.target, progress=False))
-    return stages
+    runs = {}
+    for graphed in {"off": [False], "on": [True], "both": [False, True]}[graphs]:
+        use_cuda_graphs(model, graphed)
+        label = " (CUDA graphs)" if graphed else ""
+        # First-call costs (and, graphed, the captures) before anything is timed.
+        inversion("nti", steps=1)
+        inversion("dpl", words=list(scene.masks), steps=1)
+        nti = stage(f"NTI inversion{label}", lambda: inversion("nti"))
+        dpl = stage(
+            f"DPL inversion (paper settings){label}",
+            lambda: inversion("dpl", words=list(scene.masks)),
+        )
+        stage(
+            f"edit from the DPL inversion{label}",
+            partial(edit, model, dpl, scene.target, progress=False),
+        )
+        runs[graphed] = (nti, dpl)
+    differences = {}
+    if len(runs) == 2:
+        for i, name in enumerate(("NTI", "DPL")):
+            differences[name] = _differences(runs[False][i], runs[True][i])
+    return stages, differences
 
 
 @dataclass
@@ -405,6 +454,7 @@ def report(
     counts: PassCounts | None,
     pipeline: Sequence[PipelineStage] = (),
     overhead: Overhead | None = None,
+    differences: dict[str, dict[str, float]] | None = None,
 ) -> str:
     """Markdown tables of the unit costs, the per-image estimate given pass counts, the
     measured pipeline stages and the launch-overhead probe, each given."""
@@ -453,6 +503,11 @@ def report(
                 f"| {stage.name} | {stage.seconds:.1f} | {sum(stage.unet_evals.values())}"
                 f" ({passes}) | {stage.peak_mb:.0f} |"
             )
+    if differences:
+        lines += ["", "Largest differences, eager against CUDA graphs:", ""]
+        for name, diffs in differences.items():
+            values = ", ".join(f"{part} {value:.2e}" for part, value in diffs.items())
+            lines.append(f"- {name} inversion: {values}")
     if overhead is not None:
         lines += ["", "Launch overhead (eager against CUDA-graph replay):", ""]
         lines += ["| pass | seconds |", "|---|---|"]
@@ -490,6 +545,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also time the UNet pass at batch 1, 2 and 4 and, on a GPU, replayed from CUDA "
         "graphs (how much of a pass is launch overhead)",
     )
+    parser.add_argument(
+        "--cuda-graphs",
+        choices=GRAPH_MODES,
+        default="off",
+        help="the pipeline's inversions with CUDA graphs (GPU only): off, on, or both (eager "
+        "first, then graphed, with the largest differences between their results)",
+    )
     parser.add_argument("--out", type=Path, help="also write the result as JSON here")
     args = parser.parse_args(argv)
     try:
@@ -501,19 +563,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
         units = measure_units(device, dtype, args.repeats)
         overhead = measure_overhead(device, dtype, args.repeats) if args.overhead else None
-        pipeline = (
-            measure_pipeline(device, dtype, args.pipeline_steps) if args.pipeline_steps else []
+        pipeline, differences = (
+            measure_pipeline(device, dtype, args.pipeline_steps, graphs=args.cuda_graphs)
+            if args.pipeline_steps
+            else ([], {})
         )
     except DplError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(report(units, counts, pipeline, overhead), end="")
+    print(report(units, counts, pipeline, overhead, differences), end="")
     if args.out is not None:
         record = {
             "units": asdict(units),
             "counts": None if counts is None else asdict(counts),
             "pipeline": [asdict(stage) for stage in pipeline],
             "overhead": None if overhead is None else asdict(overhead),
+            "differences": differences,
         }
         if counts is not None:
             record["estimate"] = estimate(units, counts)

@@ -240,12 +240,15 @@ class TokenStage:
         The UNet call stops after the last layer the losses read (`StopAfter`): the losses need
         no noise prediction, and the layers after it change neither the maps nor their gradients.
         """
-        store = CrossAttentionStore(self.levels, grad=True)
-        stop = StopAfter(self.stop_layer)
-        with controlled_attention(self.model.unet, [store, stop]), suppress(ForwardStopped):
-            self.model.predict(latent, t, self.conditioning(vectors))
+        model = self.model
+        maps = model.predict_pure(
+            f"dpl-maps-{self.stop_layer}-{self.levels}",
+            self._maps,
+            latent,
+            model.timestep(t),
+            self.conditioning(vectors),
+        )
         with timed("dpl_losses"):
-            maps = [store.current(res)[0] for res in self.levels]
             return evaluate_losses(
                 maps,
                 self.groups,
@@ -255,6 +258,17 @@ class TokenStage:
                 total_steps=self.total_steps,
                 n_prompt_tokens=self.n_prompt_tokens,
             )
+
+    def _maps(
+        self, latent: torch.Tensor, t: torch.Tensor, context: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """The cross-attention maps at the loss levels for `context` on `latent`, with
+        gradient: a pure function of its tensors, so it can be replayed from a CUDA graph."""
+        store = CrossAttentionStore(self.levels, grad=True)
+        stop = StopAfter(self.stop_layer)
+        with controlled_attention(self.model.unet, [store, stop]), suppress(ForwardStopped):
+            self.model.unet_output(latent, t, context)
+        return tuple(store.current(res)[0] for res in self.levels)
 
     def __call__(self, step: int, t: int, latent: torch.Tensor) -> torch.Tensor:
         start, evals_before = time.perf_counter(), self.model.unet_evals

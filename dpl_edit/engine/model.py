@@ -25,6 +25,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
+from dpl_edit.engine.graphs import GraphedCalls
 from dpl_edit.engine.settings import BUNDLED_MODEL, BUNDLED_MODELS, DEVICES, DTYPES
 from dpl_edit.engine.timers import timed
 from dpl_edit.errors import DplError
@@ -83,6 +84,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     unet_evals: int = field(default=0)
+    graphs: GraphedCalls | None = None
+    """CUDA graphs of the inversion's pure UNet calls, when `use_cuda_graphs` turned them on."""
 
     @classmethod
     def from_components(
@@ -128,7 +131,30 @@ class LoadedModel:
         Timed for the speed benchmark's profile (`dpl_edit.engine.timers`)."""
         self.unet_evals += 1
         with timed("unet_forward"):
-            return self.unet(latents, t, encoder_hidden_states=context).sample
+            return self.unet_output(latents, t, context)
+
+    def unet_output(
+        self, latents: torch.Tensor, t: int | torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
+        """The UNet's raw output, uncounted: the body of `predict` and of `predict_pure`'s
+        functions."""
+        return self.unet(latents, t, encoder_hidden_states=context).sample
+
+    def timestep(self, t: int) -> torch.Tensor:
+        """A timestep as a tensor on the model's device, as `predict_pure` needs it (a graph
+        cannot copy a Python number to the device at replay). The UNet reads it exactly as it
+        reads the number."""
+        return torch.tensor(t, device=self.device)
+
+    def predict_pure(self, name: str, fn: Callable[..., Any], *args: torch.Tensor) -> Any:
+        """One UNet call made by `fn(*args)`, a pure function of its tensors (it installs any
+        attention controllers itself and returns what they record), counted once.
+
+        Replayed from a CUDA graph captured per `name` and input signature when `graphs` is on
+        (`use_cuda_graphs`); called directly otherwise, with the same result."""
+        self.unet_evals += 1
+        with timed("unet_forward"):
+            return fn(*args) if self.graphs is None else self.graphs(name, fn, *args)
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -153,6 +179,15 @@ def use_threads(model: LoadedModel, threads: int | None = None) -> None:
     chosen = threads or model.defaults.threads
     if chosen is not None and model.device.type == "cpu":
         torch.set_num_threads(chosen)
+
+
+def use_cuda_graphs(model: LoadedModel, on: bool = True) -> None:
+    """Replay the inversion's UNet calls with gradient (null-text and DPL token updates, and
+    the pass after each null-text fit) from CUDA graphs: the same kernels on the same values,
+    without the per-kernel launch cost that dominates SD-sized passes on a GPU."""
+    if on and model.device.type != "cuda":
+        raise DplError(f"CUDA graphs need a CUDA device; the model is on {model.device.type}")
+    model.graphs = GraphedCalls() if on else None
 
 
 def resolve_device(device: str) -> torch.device:
