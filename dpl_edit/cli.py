@@ -82,8 +82,8 @@ def _add_common(
     if model:
         _add_model_options(group)
         group.add_argument("--threads", type=int, metavar="N",
-                           help="CPU threads (default: the model's `threads` in "
-                           "dpl_defaults.json, else torch's choice)")  # fmt: skip
+                           help="CPU threads (default: the model's `threads`, for edits "
+                           "its `edit_threads`, in dpl_defaults.json, else torch's choice)")  # fmt: skip
         group.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
         group.add_argument("--steps", type=int, default=steps,
                            help="DDIM steps (default: %(default)s)" if steps else
@@ -397,7 +397,9 @@ def _cross_windows(args: argparse.Namespace) -> dict[str, float]:
 
 def _edit(args: argparse.Namespace, model, inversion) -> Any:
     from dpl_edit.engine.edit import edit
+    from dpl_edit.engine.model import use_threads
 
+    use_threads(model, args.threads, edit=True)
     if args.steps is not None and args.steps != inversion.steps:
         raise DplError(f"the inversion has {inversion.steps} steps; edit cannot change that")
     return edit(

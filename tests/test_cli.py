@@ -170,6 +170,38 @@ def test_threads_come_from_the_option_else_the_model(tiny_model_dir, image_file,
         torch.set_num_threads(before)
 
 
+def test_edits_run_on_the_models_edit_threads_capped_at_the_cores(
+    tiny_model_dir, inversion_dir, image_file, tmp_path, monkeypatch
+):
+    """A folder's `edit_threads` applies to `dpl edit` (and a run's edit), capped at the CPUs;
+    its `threads` to the rest, capped at the physical cores; an explicit `--threads` wins."""
+    import json as json_
+
+    import torch
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    defaults = json_.loads((model / "dpl_defaults.json").read_text())
+    (model / "dpl_defaults.json").write_text(
+        json_.dumps({**defaults, "threads": 4, "edit_threads": 8})
+    )
+    monkeypatch.setattr("dpl_edit.engine.model.os.cpu_count", lambda: 2)
+    monkeypatch.setattr("dpl_edit.engine.model.physical_cores", lambda: 1)
+    argv = ["edit", str(inversion_dir), "--target", "a cat and a lion", "--model", str(model)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        code = main([*argv, "--out", str(tmp_path / "e.png"), "--device", "cpu"])
+        assert (code, torch.get_num_threads()) == (0, 2)  # 8 suggested, 2 cores
+        code = main([*argv, "--out", str(tmp_path / "f.png"), "--device", "cpu", "--threads", "3"])
+        assert (code, torch.get_num_threads()) == (0, 3)
+        invert = ["invert", str(image_file), "--prompt", "a cat", "--method", "ddim"]
+        code = main([*invert, "--model", str(model), "--out", str(tmp_path / "i"), *FAST])
+        assert (code, torch.get_num_threads()) == (0, 1)  # 4 suggested, 1 physical core
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_null_text_options_reach_the_inversion(tiny_model_dir, image_file, tmp_path, capsys):
     argv = ["invert", str(image_file), "--prompt", "a cat and a dog", "--method", "nti"]
     argv += ["--out", str(tmp_path / "inv"), "--model", str(tiny_model_dir), "--json", *FAST]

@@ -4,7 +4,7 @@ On one built-in scene: loading the model, a first call (warm-up), NTI inversion,
 (the model's DPL defaults), an edit from a saved DPL inversion, `dpl run` end to end in a
 fresh process, and NTI and DPL inversions with the speed options (bench rows `nti-fast`,
 `dpl-fast`, `dpl-full`, `dpl-plateau`, `dpl-early`, `dpl-early25`), each with its UNet
-passes; the edit also at two threads and on the model loaded in bfloat16 (with its PSNR
+passes; the edit on the threads `dpl edit` uses (and on the inversions' when those differ) and on the model loaded in bfloat16 (with its PSNR
 against the float32 edit, so that a faster precision is seen to keep the picture). Then one
 more DPL inversion with the defaults and one as `dpl-full` (the defaults without their stopping
 rules, the bundled models' default before the ninth session), each timed by the engine's
@@ -74,9 +74,6 @@ SPEED_OPTIONS = ("nti-fast", "dpl-fast", "dpl-full", "dpl-plateau", "dpl-early",
 """Benchmark rows (`dpl_edit.bench.methods`) with the speed options, timed beside the defaults."""
 QUICK_OPTIONS = ("dpl-full", "dpl-plateau", "dpl-early", "dpl-early25")
 """The speed options a `--quick` run times: DPL's stopping rules (`dpl-full`: none of them)."""
-EDIT_THREADS = 2
-"""The edit is also timed at this many torch threads: it runs the UNet at batch 3 without
-gradients, where a second thread may pay although it does not for the inversions."""
 
 
 def _scene_image(split: str, index: int) -> tuple[Image.Image, str, str, list[str]]:
@@ -164,17 +161,20 @@ def run_speed(
     timings += [nti, dpl]
     dpl_inversion.save(work / "dpl.inv", overwrite=True)
     saved = Inversion.load(work / "dpl.inv", model)
-    timing, edited = _timed_edit(model, saved, target, "edit from the saved DPL inversion")
+    # The edit runs on the threads `dpl edit` picks (the model's `edit_threads`), and is also
+    # timed on the inversions' threads when those differ.
+    inversion_threads = torch.get_num_threads()
+    use_threads(model, threads, edit=True)
+    edit_threads = torch.get_num_threads()
+    label = f"edit from the saved DPL inversion, {edit_threads} thread{'s' * (edit_threads > 1)}"
+    timing, edited = _timed_edit(model, saved, target, label)
     timings.append(timing)
-    threads_before = torch.get_num_threads()
-    if threads_before != EDIT_THREADS and (os.cpu_count() or 1) >= EDIT_THREADS:
-        torch.set_num_threads(EDIT_THREADS)
-        try:
-            label = f"edit from the saved DPL inversion, {EDIT_THREADS} threads"
-            timings.append(_timed_edit(model, saved, target, label)[0])
-        finally:
-            torch.set_num_threads(threads_before)
+    if edit_threads != inversion_threads:
+        torch.set_num_threads(inversion_threads)
+        label = f"the same edit on the inversions' {inversion_threads} thread(s)"
+        timings.append(_timed_edit(model, saved, target, label)[0])
     timings.append(_bfloat16_edit(image, prompt, target, threads, work, edited))
+    torch.set_num_threads(inversion_threads)
     if not quick:
         timings.append(_dpl_run(image, prompt, target, steps, work))
     fast = {}
@@ -228,7 +228,7 @@ def _bfloat16_edit(
     (`dpl edit --dtype bfloat16`), after its own 1-step warm-up, with its PSNR against the
     float32 edit `reference`."""
     model = load_model(dtype="bfloat16")
-    use_threads(model, threads)
+    use_threads(model, threads, edit=True)
     invert(model, image, prompt, method="nti", steps=1, progress=False)
     saved = Inversion.load(work / "dpl.inv", model)
     label = "edit from the saved DPL inversion, model in bfloat16"

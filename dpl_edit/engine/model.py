@@ -57,9 +57,16 @@ class ModelDefaults:
     """DPL settings chosen for this model (`DplLossConfig` fields), used when a user gives
     none; kept as pairs so the defaults stay hashable. Empty: the paper's settings."""
     threads: int | None = None
-    """CPU threads this model runs fastest on, when measured (the bundled model's small layers
-    run faster on one thread than on two); `use_threads` applies it for the `dpl` commands
-    unless told otherwise. None: torch's choice."""
+    """CPU threads this model's inversions (batch-1 passes) run fastest on, when measured;
+    `use_threads` applies it, capped at the machine's physical cores, for the `dpl` commands
+    unless told otherwise. None: torch's choice. The bundled models say two: 15-25% faster
+    than one on the 2-core machines of the tenth session, where each CPU is its own core. An
+    earlier machine ran them 1.7x slower on two threads than on one; if its two CPUs were
+    hyperthreads of one core, the cap gives one there (docs/benchmarks.md, Speed)."""
+    edit_threads: int | None = None
+    """Threads for edits (batch-3 passes), capped at the machine's CPUs, when they differ from
+    `threads`: two for the bundled models, faster than one on every machine measured, the
+    earlier one included. None: `threads`."""
 
     @classmethod
     def for_latent_size(cls, latent_size: int) -> ModelDefaults:
@@ -169,14 +176,36 @@ class LoadedModel:
         return [Image.fromarray(array) for array in tensor_to_arrays(pixels)]
 
 
-def use_threads(model: LoadedModel, threads: int | None = None) -> None:
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may use: hyperthreads of one core share its
+    arithmetic units, so a second thread there mostly adds contention. From Linux's CPU
+    topology; elsewhere (or if it is unreadable) every CPU counts as a core."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    try:
+        cores = {
+            Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text()
+            for cpu in cpus
+        }
+    except OSError:
+        cores = set()
+    return len(cores) or len(cpus) or os.cpu_count() or 1
+
+
+def use_threads(model: LoadedModel, threads: int | None = None, edit: bool = False) -> None:
     """Run `model` on `threads` CPU threads, else on the count its folder suggests
-    (`ModelDefaults.threads`, measured fastest); off the CPU, or with neither, torch's choice
+    (`ModelDefaults.threads`, capped at the physical cores, or for an `edit` its
+    `edit_threads`, capped at the CPUs); off the CPU, or with neither, torch's choice
     stays. torch's setting is per process, so this is for commands and benchmarks, not for
     a library call in someone else's program."""
     if threads is not None and threads < 1:
         raise DplError(f"the number of threads must be at least 1, got {threads}")
-    chosen = threads or model.defaults.threads
+    if edit and model.defaults.edit_threads is not None:
+        suggested: int | None = min(model.defaults.edit_threads, os.cpu_count() or 1)
+    elif model.defaults.threads is not None:
+        suggested = min(model.defaults.threads, physical_cores())
+    else:
+        suggested = None
+    chosen = threads or suggested
     if chosen is not None and model.device.type == "cpu":
         torch.set_num_threads(chosen)
 
@@ -315,6 +344,7 @@ def _read_defaults(folder: Path, latent_size: int) -> ModelDefaults:
                 for k, v in sorted(dict(data.get("dpl", {})).items())
             ),
             threads=None if data.get("threads") is None else int(data["threads"]),
+            edit_threads=None if data.get("edit_threads") is None else int(data["edit_threads"]),
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise DplError(f"{file} is not valid: {exc}") from None

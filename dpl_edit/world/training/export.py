@@ -60,7 +60,7 @@ def seed_run(model: Path, training: dict, run: Path, cfg: TrainConfig) -> None:
     save_state(run / "unet.safetensors", tensors, meta)
 
 
-_HAND_SET = ("dpl", "threads")
+_HAND_SET = ("dpl", "threads", "edit_threads")
 """Keys of `dpl_defaults.json` chosen after training (on the benchmark), not by the run."""
 
 
