@@ -1,7 +1,7 @@
 """CUDA-graph replay of the inversion's UNet calls (`engine.graphs`), checked on the CPU.
 
-Capture itself needs a GPU (the speed benchmark's `--cuda-graphs both` compares graphed and
-eager inversions there); here stand-in captures check what does not: one capture per input
+Capture itself needs a GPU (`python -m dpl_edit.bench.sd_scale --cuda-graphs both` compares
+graphed and eager inversions there); here stand-in captures check what does not: one capture per input
 signature, outputs copied out of the static buffers a replay overwrites, and that the
 inversion routes exactly its calls with gradient (and the pass after each null-text fit)
 through the graphs, with the same results.
@@ -13,12 +13,14 @@ import pytest
 import torch
 from conftest import tiny_image
 
+from dpl_edit.batch.executors import ModelSpec
 from dpl_edit.cli import main
 from dpl_edit.dpl.losses import DplLossConfig
 from dpl_edit.engine.graphs import GraphedCalls
 from dpl_edit.engine.inversion import invert
 from dpl_edit.engine.model import use_cuda_graphs
 from dpl_edit.errors import DplError
+from dpl_edit.ui.app import serve
 
 
 def _static_buffer_capture(captured: list):
@@ -92,11 +94,18 @@ def test_dpl_inversion_through_the_graph_path_gives_the_eager_result(tiny_model)
 def test_cuda_graphs_are_refused_off_the_gpu(
     tiny_model, tiny_model_dir, image_file, tmp_path, capsys
 ):
+    """Every way in (library, batch workers, web app, CLI) refuses before any work is done."""
     with pytest.raises(DplError, match="CUDA device"):
         use_cuda_graphs(tiny_model)
+    with pytest.raises(DplError, match="CUDA device"):
+        ModelSpec(str(tiny_model_dir), "cpu", cuda_graphs=True).load()
+    with pytest.raises(DplError, match="CUDA device"):
+        serve(str(tiny_model_dir), "cpu", cuda_graphs=True)
     argv = ["invert", str(image_file), "--prompt", "a cat and a dog", "--cuda-graphs"]
     argv += ["--out", str(tmp_path / "inv"), "--model", str(tiny_model_dir), "--device", "cpu"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: CUDA graphs need a CUDA device") and "\n" not in err
     assert not (tmp_path / "inv").exists()
+    assert main(["ui", "--device", "cpu", "--cuda-graphs"]) == 2  # refused before serving
+    assert capsys.readouterr().err.startswith("error: CUDA graphs need a CUDA device")

@@ -41,9 +41,12 @@ class ModelSpec:
     path: str | None
     device: str = "cpu"
     dtype: str = "float32"
+    cuda_graphs: bool = False
 
     def load(self) -> LoadedModel:
-        return load_model(self.path, device=self.device, dtype=self.dtype)
+        return load_model(
+            self.path, device=self.device, dtype=self.dtype, cuda_graphs=self.cuda_graphs
+        )
 
 
 def available_cores() -> int:

@@ -210,12 +210,17 @@ def use_threads(model: LoadedModel, threads: int | None = None, edit: bool = Fal
         torch.set_num_threads(chosen)
 
 
+def check_cuda_graphs(device: torch.device, on: bool) -> None:
+    """Refuse CUDA graphs off a CUDA device (before any loading, so the error comes first)."""
+    if on and device.type != "cuda":
+        raise DplError(f"CUDA graphs need a CUDA device; the model is on {device.type}")
+
+
 def use_cuda_graphs(model: LoadedModel, on: bool = True) -> None:
     """Replay the inversion's UNet calls with gradient (null-text and DPL token updates, and
     the pass after each null-text fit) from CUDA graphs: the same kernels on the same values,
     without the per-kernel launch cost that dominates SD-sized passes on a GPU."""
-    if on and model.device.type != "cuda":
-        raise DplError(f"CUDA graphs need a CUDA device; the model is on {model.device.type}")
+    check_cuda_graphs(model.device, on)
     model.graphs = GraphedCalls() if on else None
 
 
@@ -430,11 +435,14 @@ def load_model(
     path_or_hub_id: str | os.PathLike | None = None,
     device: str = "cpu",
     dtype: str = DTYPES[0],
+    cuda_graphs: bool = False,
 ) -> LoadedModel:
     """Load a diffusers SD folder (or cached hub id); None means $DPL_MODEL or the bundled model.
 
-    `device` is cpu, cuda, cuda:N, mps, or "auto" (the GPU when there is one)."""
+    `device` is cpu, cuda, cuda:N, mps, or "auto" (the GPU when there is one); `cuda_graphs`
+    (CUDA only) turns on `use_cuda_graphs`."""
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    check_cuda_graphs(torch_device, cuda_graphs)
     folder, name = model_folder(path_or_hub_id)
     missing = [c for c in _COMPONENTS if not (folder / c).is_dir()]
     if missing or not (folder / "model_index.json").is_file():
@@ -458,7 +466,9 @@ def load_model(
     text_encoder.to(dtype=torch_dtype)
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False).eval().to(torch_device)
-    return LoadedModel.from_components(
+    model = LoadedModel.from_components(
         vae, text_encoder, tokenizer, unet, _scheduler(folder), _identity(folder, name),
         torch_device, torch_dtype, defaults=lambda latent_size: _read_defaults(folder, latent_size),
     )  # fmt: skip
+    use_cuda_graphs(model, cuda_graphs)
+    return model
