@@ -185,7 +185,7 @@ def test_edits_run_on_the_models_edit_threads_capped_at_the_cores(
     (model / "dpl_defaults.json").write_text(
         json_.dumps({**defaults, "threads": 4, "edit_threads": 8})
     )
-    monkeypatch.setattr("dpl_edit.engine.model.os.cpu_count", lambda: 2)
+    monkeypatch.setattr("dpl_edit.engine.model.available_cores", lambda: 2)
     monkeypatch.setattr("dpl_edit.engine.model.physical_cores", lambda: 1)
     argv = ["edit", str(inversion_dir), "--target", "a cat and a lion", "--model", str(model)]
     before = torch.get_num_threads()

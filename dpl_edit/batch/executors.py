@@ -15,7 +15,6 @@ stop, keeping what was already written, so a rerun resumes.
 from __future__ import annotations
 
 import logging
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -24,7 +23,7 @@ from multiprocessing import get_context
 from types import TracebackType
 from typing import Any, TypeVar
 
-from dpl_edit.engine.model import LoadedModel, load_model
+from dpl_edit.engine.model import LoadedModel, available_cores, load_model
 from dpl_edit.errors import DplError
 
 Task = TypeVar("Task")
@@ -47,13 +46,6 @@ class ModelSpec:
         return load_model(
             self.path, device=self.device, dtype=self.dtype, cuda_graphs=self.cuda_graphs
         )
-
-
-def available_cores() -> int:
-    """Cores this process may use (its CPU affinity where the OS tells, as in a container)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
 
 
 def threads_per_worker(workers: int, cores: int | None = None) -> int:

@@ -176,6 +176,13 @@ class LoadedModel:
         return [Image.fromarray(array) for array in tensor_to_arrays(pixels)]
 
 
+def available_cores() -> int:
+    """CPUs this process may use (its CPU affinity where the OS tells, as in a container)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def physical_cores() -> int:
     """Physical cores among the CPUs this process may use: hyperthreads of one core share its
     arithmetic units, so a second thread there mostly adds contention. From Linux's CPU
@@ -200,7 +207,7 @@ def use_threads(model: LoadedModel, threads: int | None = None, edit: bool = Fal
     if threads is not None and threads < 1:
         raise DplError(f"the number of threads must be at least 1, got {threads}")
     if edit and model.defaults.edit_threads is not None:
-        suggested: int | None = min(model.defaults.edit_threads, os.cpu_count() or 1)
+        suggested: int | None = min(model.defaults.edit_threads, available_cores())
     elif model.defaults.threads is not None:
         suggested = min(model.defaults.threads, physical_cores())
     else:
