@@ -116,7 +116,12 @@ def test_overhead_probe_times_each_batch_and_leaves_graphs_to_the_gpu():
     assert "| eager forward, batch 4 |" in text and "| graphed forward, batch 1 | - |" in text
 
 
-def test_pipeline_refuses_cuda_graphs_off_the_gpu():
+def test_pipeline_refuses_cuda_graphs_off_the_gpu(capsys):
     cpu = sd_scale.resolve_device("cpu")
     with pytest.raises(DplError, match="CUDA device"):
         sd_scale.measure_pipeline(cpu, sd_scale.torch.float32, 2, TINY, graphs="on")
+    # The command refuses before it measures anything (SD-sized units take minutes on a CPU).
+    assert sd_scale.main(["--cuda-graphs", "both", "--pipeline-steps", "2"]) == 2
+    assert "CUDA graphs need a CUDA device" in capsys.readouterr().err
+    assert sd_scale.main(["--cuda-graphs", "on"]) == 2
+    assert "give --pipeline-steps" in capsys.readouterr().err

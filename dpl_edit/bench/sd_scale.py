@@ -49,6 +49,7 @@ from dpl_edit.engine.edit import edit
 from dpl_edit.engine.inversion import invert
 from dpl_edit.engine.model import (
     LoadedModel,
+    check_cuda_graphs,
     resolve_device,
     sd_ddim_scheduler,
     use_cuda_graphs,
@@ -301,8 +302,7 @@ def measure_pipeline(
     """
     if graphs not in GRAPH_MODES:
         raise DplError(f"unknown CUDA-graph mode {graphs!r}; choose one of {GRAPH_MODES}")
-    if graphs != "off" and device.type != "cuda":
-        raise DplError("CUDA graphs need a CUDA device (--device cuda)")
+    check_cuda_graphs(device, graphs != "off")
     model = random_sd_model(device, dtype, configs)
     scene = world_scene("val", 0)
     image = Image.fromarray(scene.source_image())
@@ -559,8 +559,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise DplError("--repeats must be at least 1")
         if args.pipeline_steps < 0:
             raise DplError("--pipeline-steps must be 0 (not run) or more")
+        if args.cuda_graphs != "off" and not args.pipeline_steps:
+            raise DplError("--cuda-graphs applies to the pipeline: give --pipeline-steps N")
         counts = None if args.inversion is None else PassCounts.from_inversion(args.inversion)
         device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
+        check_cuda_graphs(device, args.cuda_graphs != "off")  # before minutes of measuring
         units = measure_units(device, dtype, args.repeats)
         overhead = measure_overhead(device, dtype, args.repeats) if args.overhead else None
         pipeline, differences = (
