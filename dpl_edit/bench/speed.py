@@ -4,8 +4,9 @@ On one built-in scene: loading the model, a first call (warm-up), NTI inversion,
 (the model's DPL defaults), an edit from a saved DPL inversion, `dpl run` end to end in a
 fresh process, and NTI and DPL inversions with the speed options (bench rows `nti-fast`,
 `dpl-fast`, `dpl-full`, `dpl-plateau`, `dpl-early`, `dpl-early25`), each with its UNet
-passes; the edit on the threads `dpl edit` uses (and on the inversions' when those differ) and on the model loaded in bfloat16 (with its PSNR
-against the float32 edit, so that a faster precision is seen to keep the picture). Then one
+passes; the edit on the threads `dpl edit` uses (and on the inversions' when those differ)
+and on the model loaded in bfloat16 (with its PSNR against the float32 edit, so that a faster
+precision is seen to keep the picture). Then one
 more DPL inversion with the defaults and one as `dpl-full` (the defaults without their stopping
 rules, the bundled models' default before the ninth session), each timed by the engine's
 labelled timers (`dpl_edit.engine.timers`), split into UNet forward passes (with the attention

@@ -195,7 +195,7 @@ def physical_cores() -> int:
         }
     except OSError:
         cores = set()
-    return len(cores) or len(cpus) or os.cpu_count() or 1
+    return len(cores) or available_cores()
 
 
 def use_threads(model: LoadedModel, threads: int | None = None, edit: bool = False) -> None:
