@@ -58,37 +58,70 @@ def test_one_capture_per_signature_and_outputs_survive_the_next_replay():
     assert len(calls) == 4 and captured[1] == ((3,),)
 
 
-def test_dpl_inversion_through_the_graph_path_gives_the_eager_result(tiny_model):
-    def dpl():
-        config = DplLossConfig(max_inner_steps=3, use_thresholds=False)
-        return invert(
-            tiny_model, tiny_image(), "a cat and a dog", method="dpl", steps=3,
-            progress=False, dpl_config=config, words=["cat", "dog"],
-        )  # fmt: skip
+def _dpl(model, seed: int = 0):
+    config = DplLossConfig(max_inner_steps=3, use_thresholds=False)
+    return invert(
+        model, tiny_image(seed=seed), "a cat and a dog", method="dpl", steps=3,
+        progress=False, dpl_config=config, words=["cat", "dog"],
+    )  # fmt: skip
 
-    eager = dpl()
-    routed: list[str] = []
 
-    def passthrough(fn, samples):
+def _replaying_first_capture(routed: list[str]):
+    """A stand-in capture that, like a CUDA graph, reruns the function as first captured
+    (with its closure) on whatever tensors later calls bring."""
+
+    def capture(fn, samples):
         def call(*args):
-            routed.append(fn.__name__)
+            routed.append(getattr(fn, "__name__", "?"))
             return fn(*args)
 
         return call
 
-    graphs = tiny_model.graphs = GraphedCalls(passthrough)
+    return capture
+
+
+def _same_inversion(a, b) -> bool:
+    return (
+        torch.equal(a.null_embeddings, b.null_embeddings)
+        and torch.equal(a.dynamic_tokens.vectors, b.dynamic_tokens.vectors)
+        and torch.equal(a.trajectory, b.trajectory)
+    )
+
+
+def test_dpl_inversion_through_the_graph_path_gives_the_eager_result(tiny_model):
+    first_eager, second_eager = _dpl(tiny_model), _dpl(tiny_model, seed=1)
+    routed: list[str] = []
+    graphs = tiny_model.graphs = GraphedCalls(_replaying_first_capture(routed))
     try:
-        graphed = dpl()
+        first, second = _dpl(tiny_model), _dpl(tiny_model, seed=1)
     finally:
         tiny_model.graphs = None
-    assert torch.equal(eager.null_embeddings, graphed.null_embeddings)
-    assert torch.equal(eager.dynamic_tokens.vectors, graphed.dynamic_tokens.vectors)
-    assert torch.equal(eager.trajectory, graphed.trajectory)
-    # Null-text fits with gradient, the pass after each fit without, and the token stage's maps.
-    assert len(graphs) == 3
-    null_passes = graphed.unet_evals["null_text"] - 3  # the conditional passes stay eager
-    assert routed.count("unet_output") == null_passes
-    assert routed.count("_maps") == graphed.unet_evals["dpl_tokens"]
+    assert _same_inversion(first_eager, first)
+    # The second picture (its own background masks) replays the first inversion's captures.
+    assert not _same_inversion(first_eager, second_eager)
+    assert _same_inversion(second_eager, second)
+    # Every UNet pass goes through a graph: DDIM inversion with its stores, the conditional
+    # pass with its store, null-text fits, the pass after each fit, and token steps.
+    assert len(routed) == sum(first.unet_evals.values()) + sum(second.unet_evals.values())
+    assert routed.count("_terms") == first.unet_evals["dpl_tokens"] * 2
+    assert len(graphs) == 5 and not graphs.failed
+
+
+def test_a_function_whose_capture_fails_runs_eagerly(tiny_model, caplog):
+    eager = _dpl(tiny_model)
+
+    def refuse(fn, samples):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs = tiny_model.graphs = GraphedCalls(refuse)
+    try:
+        fallen_back = _dpl(tiny_model)
+    finally:
+        tiny_model.graphs = None
+    assert _same_inversion(eager, fallen_back)
+    assert len(graphs) == 5 and set(graphs.failed) == {name for name, _ in graphs.keys()}
+    assert all("not permitted" in error for error in graphs.failed.values())
+    assert "running it eagerly" in caplog.text
 
 
 def test_cuda_graphs_are_refused_off_the_gpu(

@@ -49,9 +49,11 @@ from dpl_edit.engine.edit import edit
 from dpl_edit.engine.inversion import invert
 from dpl_edit.engine.model import (
     LoadedModel,
+    check_channels_last,
     check_cuda_graphs,
     resolve_device,
     sd_ddim_scheduler,
+    use_channels_last,
     use_cuda_graphs,
 )
 from dpl_edit.errors import DplError
@@ -288,6 +290,7 @@ def measure_pipeline(
     steps: int,
     configs: dict = SD15,
     graphs: str = "off",
+    channels_last: bool = False,
 ) -> tuple[list[PipelineStage], dict[str, dict[str, float]]]:
     """NTI inversion, DPL inversion and the edit from it, timed whole on the SD-shaped model.
 
@@ -303,7 +306,9 @@ def measure_pipeline(
     if graphs not in GRAPH_MODES:
         raise DplError(f"unknown CUDA-graph mode {graphs!r}; choose one of {GRAPH_MODES}")
     check_cuda_graphs(device, graphs != "off")
+    check_channels_last(device, channels_last)
     model = random_sd_model(device, dtype, configs)
+    use_channels_last(model, channels_last)
     scene = world_scene("val", 0)
     image = Image.fromarray(scene.source_image())
     stages: list[PipelineStage] = []
@@ -326,7 +331,10 @@ def measure_pipeline(
     runs = {}
     for graphed in {"off": [False], "on": [True], "both": [False, True]}[graphs]:
         use_cuda_graphs(model, graphed)
-        label = " (CUDA graphs)" if graphed else ""
+        parts = [
+            name for name, on in (("CUDA graphs", graphed), ("channels-last", channels_last)) if on
+        ]
+        label = f" ({', '.join(parts)})" if parts else ""
         # First-call costs (and, graphed, the captures) before anything is timed.
         inversion("nti", steps=1)
         inversion("dpl", words=list(scene.masks), steps=1)
@@ -552,6 +560,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the pipeline's inversions with CUDA graphs (GPU only): off, on, or both (eager "
         "first, then graphed, with the largest differences between their results)",
     )
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="the pipeline's UNet in the channels-last layout (GPU only)",
+    )
     parser.add_argument("--out", type=Path, help="also write the result as JSON here")
     args = parser.parse_args(argv)
     try:
@@ -564,10 +577,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         counts = None if args.inversion is None else PassCounts.from_inversion(args.inversion)
         device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
         check_cuda_graphs(device, args.cuda_graphs != "off")  # before minutes of measuring
+        check_channels_last(device, args.channels_last)
         units = measure_units(device, dtype, args.repeats)
         overhead = measure_overhead(device, dtype, args.repeats) if args.overhead else None
         pipeline, differences = (
-            measure_pipeline(device, dtype, args.pipeline_steps, graphs=args.cuda_graphs)
+            measure_pipeline(
+                device,
+                dtype,
+                args.pipeline_steps,
+                graphs=args.cuda_graphs,
+                channels_last=args.channels_last,
+            )
             if args.pipeline_steps
             else ([], {})
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Literal
 
 import torch
@@ -23,6 +24,7 @@ from dpl_edit.dpl.word_maps import (
     combine_token_maps,
     word_maps,
 )
+from dpl_edit.engine.graphs import device_index
 from dpl_edit.engine.settings import LEAK_MEASURES, LEAK_REGIONS, LeakMeasure, LeakRegion
 from dpl_edit.errors import DplError
 
@@ -160,8 +162,8 @@ def disjoint_loss(maps: torch.Tensor, word_token_groups: WordTokenGroups) -> tor
         return vectors.new_zeros(())
     unit = _unit_rows(vectors)
     cosines = unit @ unit.T
-    rows, cols = torch.tril_indices(n_words, n_words, offset=-1, device=vectors.device)
-    return cosines[rows, cols].mean()
+    pairs = tuple(i * n_words + j for i in range(n_words) for j in range(i))
+    return cosines.flatten().index_select(0, device_index(pairs, vectors.device)).mean()
 
 
 def background_loss(
@@ -181,6 +183,16 @@ def background_loss(
     """
     if bg_mask is None or not bool(bg_mask.any()):
         return None
+    return _leakage(maps, word_token_groups, bg_mask, measure)
+
+
+def _leakage(
+    maps: torch.Tensor,
+    word_token_groups: WordTokenGroups,
+    bg_mask: torch.Tensor,
+    measure: LeakMeasure,
+) -> torch.Tensor:
+    """`background_loss` for a mask known to mark something (no test of its values)."""
     maps = _as_float(maps)
     if tuple(bg_mask.shape[-2:]) != tuple(maps.shape[:2]):
         raise ValueError(
@@ -386,11 +398,104 @@ class LossReport:
         }
 
 
-def _level_mean(losses: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """The mean of one loss over attention levels; None when it is undefined at any level."""
-    if not losses or any(loss is None for loss in losses):
-        return None
-    return torch.stack(losses).mean()
+def takes_background(
+    step_index: int, config: DplLossConfig, total_steps: int | None = None
+) -> bool:
+    """Whether the background loss takes part at this step (on, weighted, past its start)."""
+    i = schedule_index(step_index, config, total_steps)
+    return config.use_bg and config.lambda_bg > 0 and i >= config.bg_start_step
+
+
+def active_losses(config: DplLossConfig, with_bg: bool) -> tuple[str, ...]:
+    """The names of the losses that take part, in `loss_terms`' order."""
+    names = []
+    if config.use_at and config.lambda_at > 0:
+        names.append("at")
+    if config.use_dj and config.lambda_dj > 0:
+        names.append("dj")
+    if with_bg:
+        names.append("bg")
+    return tuple(names)
+
+
+@cache
+def _kernel_on(sigma: float, formula: GaussianFormula, device: torch.device) -> torch.Tensor:
+    """The smoothing kernel, made once per device (no host copy per evaluation)."""
+    return gaussian_kernel_3x3(sigma, formula).to(device)
+
+
+def loss_terms(
+    levels: Sequence[torch.Tensor],
+    word_token_groups: WordTokenGroups,
+    bg_masks: Sequence[torch.Tensor] | None,
+    config: DplLossConfig,
+    n_prompt_tokens: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """The active losses (`active_losses`, each the mean over the attention `levels`) and their
+    weighted "total", last: tensors only, with no test of their values, so that the token step
+    can run it inside a CUDA graph. `bg_masks` holds one non-empty mask per level, or is None
+    when the background loss does not take part."""
+    terms: dict[str, torch.Tensor] = {}
+    names = active_losses(config, bg_masks is not None)
+    if "at" in names:
+        kernel = _kernel_on(config.smooth_sigma, config.gaussian_formula, levels[0].device)
+        terms["at"] = torch.stack(
+            [
+                balancing_loss(
+                    level,
+                    word_token_groups,
+                    softmax_temp=config.softmax_temp,
+                    smooth=config.smooth,
+                    kernel=kernel,
+                    reduce=config.at_reduce,
+                    softmax_tokens=config.softmax_tokens,
+                    n_prompt_tokens=n_prompt_tokens,
+                )
+                for level in levels
+            ]
+        ).mean()
+    if "dj" in names:
+        terms["dj"] = torch.stack(
+            [disjoint_loss(level, word_token_groups) for level in levels]
+        ).mean()
+    if bg_masks is not None:
+        terms["bg"] = torch.stack(
+            [
+                _leakage(level, word_token_groups, mask, config.leak_measure)
+                for level, mask in zip(levels, bg_masks, strict=True)
+            ]
+        ).mean()
+    weights = {"at": config.lambda_at, "dj": config.lambda_dj, "bg": config.lambda_bg}
+    total = _as_float(levels[0]).new_zeros(())
+    for name in names:
+        total = total + weights[name] * terms[name]
+    terms["total"] = total
+    return terms
+
+
+def loss_report(
+    terms: dict[str, torch.Tensor],
+    step_index: int,
+    config: DplLossConfig,
+    total_steps: int | None = None,
+    bg_skipped: bool = False,
+) -> LossReport:
+    """`loss_terms`' values judged against the step's thresholds (Eq. 10)."""
+    active = {name: loss for name, loss in terms.items() if name != "total"}
+    th = thresholds(step_index, config, total_steps) if config.use_thresholds else None
+    if th is None:
+        satisfied = not active
+    else:
+        satisfied = all(float(loss.detach()) < getattr(th, name) for name, loss in active.items())
+    return LossReport(
+        at=terms.get("at"),
+        dj=terms.get("dj"),
+        bg=terms.get("bg"),
+        total=terms["total"],
+        thresholds=th,
+        satisfied=satisfied,
+        bg_skipped=bg_skipped,
+    )
 
 
 def evaluate_losses(
@@ -410,68 +515,26 @@ def evaluate_losses(
     word-only balancing softmax. `satisfied` is True when every active loss is strictly under
     its threshold (inactive ones pass), i.e. the inner loop should stop without updating.
     Without thresholds it is True only when no loss is active at all, since there is then
-    nothing to optimise.
+    nothing to optimise. The background loss is skipped (and `bg_skipped` says so) when any
+    level's mask is missing or empty.
     """
     config = config or DplLossConfig()
     levels = [maps] if isinstance(maps, torch.Tensor) else list(maps)
     masks = [bg_mask] * len(levels) if not isinstance(bg_mask, Sequence) else list(bg_mask)
     if not levels or len(masks) != len(levels):
         raise ValueError(f"{len(levels)} attention levels but {len(masks)} background masks")
-    at = dj = bg = None
-    if config.use_at and config.lambda_at > 0:
-        kernel = gaussian_kernel_3x3(config.smooth_sigma, config.gaussian_formula)
-        at = _level_mean(
-            [
-                balancing_loss(
-                    level,
-                    word_token_groups,
-                    softmax_temp=config.softmax_temp,
-                    smooth=config.smooth,
-                    kernel=kernel,
-                    reduce=config.at_reduce,
-                    softmax_tokens=config.softmax_tokens,
-                    n_prompt_tokens=n_prompt_tokens,
-                )
-                for level in levels
-            ]
-        )
-    if config.use_dj and config.lambda_dj > 0:
-        dj = _level_mean([disjoint_loss(level, word_token_groups) for level in levels])
-    i = schedule_index(step_index, config, total_steps)
-    wants_bg = config.use_bg and config.lambda_bg > 0 and i >= config.bg_start_step
-    if wants_bg:
-        bg = _level_mean(
-            [
-                background_loss(level, word_token_groups, mask, config.leak_measure)
-                for level, mask in zip(levels, masks, strict=True)
-            ]
-        )
-
-    active = {
-        name: (loss, weight)
-        for name, loss, weight in (
-            ("at", at, config.lambda_at),
-            ("dj", dj, config.lambda_dj),
-            ("bg", bg, config.lambda_bg),
-        )
-        if loss is not None
-    }
-    total = _as_float(levels[0]).new_zeros(())
-    for loss, weight in active.values():
-        total = total + weight * loss
-    th = thresholds(step_index, config, total_steps) if config.use_thresholds else None
-    if th is None:
-        satisfied = not active
-    else:
-        satisfied = all(
-            float(loss.detach()) < getattr(th, name) for name, (loss, _) in active.items()
-        )
-    return LossReport(
-        at=at,
-        dj=dj,
-        bg=bg,
-        total=total,
-        thresholds=th,
-        satisfied=satisfied,
-        bg_skipped=wants_bg and bg is None,
+    wants_bg = takes_background(step_index, config, total_steps)
+    present = usable_masks(masks)
+    terms = loss_terms(
+        levels, word_token_groups, present if wants_bg else None, config, n_prompt_tokens
     )
+    return loss_report(
+        terms, step_index, config, total_steps, bg_skipped=wants_bg and present is None
+    )
+
+
+def usable_masks(masks: Sequence[torch.Tensor | None]) -> list[torch.Tensor] | None:
+    """The masks, if every one exists and marks something; else None (nothing to leak into)."""
+    if any(mask is None or not bool(mask.any()) for mask in masks):
+        return None
+    return [mask for mask in masks if mask is not None]

@@ -14,6 +14,7 @@ from a user's file, or not at all.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -36,7 +37,15 @@ from dpl_edit.dpl.background import (
     mask_images,
     share_out_clusters,
 )
-from dpl_edit.dpl.losses import DplLossConfig, LossReport, evaluate_losses
+from dpl_edit.dpl.losses import (
+    DplLossConfig,
+    LossReport,
+    active_losses,
+    loss_report,
+    loss_terms,
+    takes_background,
+    usable_masks,
+)
 from dpl_edit.engine.attention import (
     AttentionController,
     CrossAttentionStore,
@@ -212,6 +221,7 @@ class TokenStage:
         if len(bg_masks) != len(self.levels):
             raise ValueError(f"{len(self.levels)} loss levels but {len(bg_masks)} masks")
         self.bg_masks = [None if mask is None else mask.to(model.device) for mask in bg_masks]
+        self._masks = usable_masks(self.bg_masks)
         self.config = config
         self.total_steps = total_steps
         self.n_prompt_tokens = len(prompt_tokens(model.tokenizer, prompt)) - 2
@@ -222,6 +232,9 @@ class TokenStage:
         self.seconds = 0.0
         self.unet_evals = 0
         self._warned = False
+        # What `_terms` depends on besides its tensors, as the short name of its CUDA graph.
+        settings = repr((prompt, self.words, self.groups, self.stop_layer, self.levels, config))
+        self._key = hashlib.sha256(settings.encode()).hexdigest()[:12]
 
     def conditioning(self, vectors: torch.Tensor) -> torch.Tensor:
         """The prompt's text embedding with `vectors` at the words' positions.
@@ -237,38 +250,49 @@ class TokenStage:
     def losses(self, vectors: torch.Tensor, step: int, t: int, latent: torch.Tensor) -> LossReport:
         """DPL's losses for `vectors` on `latent` at `step`, differentiable w.r.t. `vectors`.
 
+        Text encoding, the UNet call and the losses are one pure call (`_terms`), which a CUDA
+        graph can replay; only the judging against the step's thresholds happens outside.
+        """
+        wants_bg = takes_background(step, self.config, self.total_steps)
+        with_bg = wants_bg and self._masks is not None
+        masks = self._masks if with_bg and self._masks is not None else ()
+        out = self.model.predict_pure(
+            f"dpl-step:{self._key}:bg={with_bg}",
+            self._terms,
+            vectors,
+            latent,
+            self.model.timestep(t),
+            *masks,
+            label=None,
+        )
+        terms = dict(zip((*active_losses(self.config, with_bg), "total"), out, strict=True))
+        return loss_report(
+            terms, step, self.config, self.total_steps, bg_skipped=wants_bg and not with_bg
+        )
+
+    def _terms(
+        self, vectors: torch.Tensor, latent: torch.Tensor, t: torch.Tensor, *masks: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """`loss_terms`' values for `vectors` on `latent`: a pure function of its tensors
+        (the background masks come in as arguments, and everything else it reads is named by
+        `_key`), so it can be replayed from a CUDA graph.
+
         The UNet call stops after the last layer the losses read (`StopAfter`): the losses need
         no noise prediction, and the layers after it change neither the maps nor their gradients.
         """
-        model = self.model
-        maps = model.predict_pure(
-            f"dpl-maps-{self.stop_layer}-{self.levels}",
-            self._maps,
-            latent,
-            model.timestep(t),
-            self.conditioning(vectors),
-        )
-        with timed("dpl_losses"):
-            return evaluate_losses(
-                maps,
-                self.groups,
-                self.bg_masks,
-                step,
-                self.config,
-                total_steps=self.total_steps,
-                n_prompt_tokens=self.n_prompt_tokens,
-            )
-
-    def _maps(
-        self, latent: torch.Tensor, t: torch.Tensor, context: torch.Tensor
-    ) -> tuple[torch.Tensor, ...]:
-        """The cross-attention maps at the loss levels for `context` on `latent`, with
-        gradient: a pure function of its tensors, so it can be replayed from a CUDA graph."""
+        context = self.conditioning(vectors)
         store = CrossAttentionStore(self.levels, grad=True)
         stop = StopAfter(self.stop_layer)
-        with controlled_attention(self.model.unet, [store, stop]), suppress(ForwardStopped):
+        with (
+            timed("unet_forward"),
+            controlled_attention(self.model.unet, [store, stop]),
+            suppress(ForwardStopped),
+        ):
             self.model.unet_output(latent, t, context)
-        return tuple(store.current(res)[0] for res in self.levels)
+        maps = [store.current(res)[0] for res in self.levels]
+        with timed("dpl_losses"):
+            terms = loss_terms(maps, self.groups, masks or None, self.config, self.n_prompt_tokens)
+        return tuple(terms.values())
 
     def __call__(self, step: int, t: int, latent: torch.Tensor) -> torch.Tensor:
         start, evals_before = time.perf_counter(), self.model.unet_evals
@@ -276,7 +300,7 @@ class TokenStage:
         optimizer = torch.optim.AdamW(
             [vectors], lr=self.config.lr, weight_decay=self.config.weight_decay
         )
-        first: LossReport | None = None
+        first: dict[str, Any] | None = None
         report: LossReport | None = None
         before: tuple[torch.Tensor, LossReport] | None = None
         updates = 0
@@ -284,8 +308,8 @@ class TokenStage:
         with torch.enable_grad():
             for _ in range(self.config.max_inner_steps if learning else 0):
                 report = self.losses(vectors, step, t, latent)
-                if first is None:
-                    first = report
+                if first is None:  # as plain numbers: a kept report would keep its graph
+                    first = report.as_record()
                 self._warn_if_background_skipped(report)
                 if report.satisfied:
                     break
@@ -312,7 +336,7 @@ class TokenStage:
             {
                 "inner_steps": updates,
                 "stopped_early": report is not None and report.satisfied,
-                "first": None if first is None else first.as_record(),
+                "first": first,
                 "last": None if report is None else report.as_record(),
             }
         )

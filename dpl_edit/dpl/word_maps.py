@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from dpl_edit.engine.graphs import device_index
+
 WordTokenGroups = Sequence[Sequence[int]]
 """Per chosen word, the indices of its tokens in the text sequence (SOT is index 0).
 
@@ -58,7 +60,12 @@ def combine_token_maps(maps: torch.Tensor, groups: WordTokenGroups) -> torch.Ten
     Used directly by the balancing loss, whose token axis is shifted; everyone else goes through
     `word_maps`, which validates first.
     """
-    return torch.stack([maps[:, :, list(group)].sum(dim=-1) for group in groups])
+    return torch.stack(
+        [
+            maps.index_select(-1, device_index(tuple(group), maps.device)).sum(dim=-1)
+            for group in groups
+        ]
+    )
 
 
 def word_maps(maps: torch.Tensor, groups: WordTokenGroups) -> torch.Tensor:

@@ -85,6 +85,28 @@ class AttentionController:
         """Called after the step's UNet call; recorders fold the step into their averages."""
 
 
+class Recorder(AttentionController):
+    """A controller that only records, so that a UNet call with it can be one pure function
+    (`dpl_edit.engine.model.LoadedModel.predict_recorded`, replayable from a CUDA graph): a
+    `fresh` copy records the call, its `step_maps` come out as tensors, and the original
+    `add_step`s them. `key` names the settings, which decide what is recorded, and
+    `maps_per_step` how many tensors `step_maps` gives."""
+
+    maps_per_step: int = 1
+
+    def fresh(self) -> Recorder:
+        raise NotImplementedError
+
+    def key(self) -> str:
+        raise NotImplementedError
+
+    def step_maps(self) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def add_step(self, maps: Sequence[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+
 class ControllerChain:
     """The controllers active in one `controlled_attention` block, called in order."""
 
@@ -227,7 +249,7 @@ def _select_rows(probs: torch.Tensor, rows: Rows) -> torch.Tensor:
     return probs[list(rows)]
 
 
-class CrossAttentionStore(AttentionController):
+class CrossAttentionStore(Recorder):
     """Records cross-attention maps at chosen resolutions, per step and averaged over steps.
 
     Maps are averaged over heads and over every layer of a resolution, giving
@@ -238,6 +260,7 @@ class CrossAttentionStore(AttentionController):
 
     def __init__(self, resolutions: Sequence[int], rows: Rows = None, grad: bool = False) -> None:
         self.resolutions = tuple(sorted(set(resolutions)))
+        self.maps_per_step = len(self.resolutions)
         self.rows = rows
         self.grad = grad
         self._current: dict[str, tuple[int, torch.Tensor]] = {}
@@ -264,10 +287,30 @@ class CrossAttentionStore(AttentionController):
         if not self._current:
             return
         for res in {r for r, _ in self._current.values()}:
-            maps = self.current(res).detach().float()
-            self._sum[res] = self._sum[res] + maps if res in self._sum else maps
+            self._add(res, self.current(res))
         self.steps_recorded += 1
         self._current = {}
+
+    def fresh(self) -> CrossAttentionStore:
+        """An empty store with the same settings (`Recorder`)."""
+        return CrossAttentionStore(self.resolutions, self.rows, self.grad)
+
+    def key(self) -> str:
+        return f"cross{self.resolutions}:{self.rows}:{self.grad}"
+
+    def step_maps(self) -> tuple[torch.Tensor, ...]:
+        """This step's maps, one per resolution (`Recorder`)."""
+        return tuple(self.current(res) for res in self.resolutions)
+
+    def add_step(self, maps: Sequence[torch.Tensor]) -> None:
+        """Add one step's maps, one per resolution, to the time average (`Recorder`)."""
+        for res, step_maps in zip(self.resolutions, maps, strict=True):
+            self._add(res, step_maps)
+        self.steps_recorded += 1
+
+    def _add(self, res: int, step_maps: torch.Tensor) -> None:
+        step_maps = step_maps.detach().float()
+        self._sum[res] = self._sum[res] + step_maps if res in self._sum else step_maps
 
     def average(self, res: int) -> torch.Tensor:
         """Maps at `res` averaged over the recorded steps: [rows, res, res, text_len]."""
@@ -276,7 +319,7 @@ class CrossAttentionStore(AttentionController):
         return self._sum[res] / self.steps_recorded
 
 
-class SelfAttentionStore(AttentionController):
+class SelfAttentionStore(Recorder):
     """Records self-attention at one resolution, averaged over layers, heads and steps.
 
     Background estimation clusters the rows of this [rows, res*res, res*res] matrix.
@@ -299,10 +342,25 @@ class SelfAttentionStore(AttentionController):
     def end_step(self) -> None:
         if not self._current:
             return
-        step_mean = torch.stack(list(self._current.values())).mean(dim=0)
+        self.add_step(self.step_maps())
+        self._current = {}
+
+    def fresh(self) -> SelfAttentionStore:
+        """An empty store with the same settings (`Recorder`)."""
+        return SelfAttentionStore(self.res, self.rows)
+
+    def key(self) -> str:
+        return f"self{self.res}:{self.rows}"
+
+    def step_maps(self) -> tuple[torch.Tensor, ...]:
+        """This step's self-attention, averaged over layers (`Recorder`)."""
+        return (torch.stack(list(self._current.values())).mean(dim=0),)
+
+    def add_step(self, maps: Sequence[torch.Tensor]) -> None:
+        """Add one step's `step_maps` to the time average (`Recorder`)."""
+        (step_mean,) = maps
         self._sum = step_mean if self._sum is None else self._sum + step_mean
         self.steps_recorded += 1
-        self._current = {}
 
     def average(self) -> torch.Tensor:
         if self._sum is None:

@@ -11,14 +11,20 @@ each replay reruns the recorded kernels on new values copied into the captured i
 functions given here install their attention controllers themselves and return what those record
 instead of leaving it in a store, and the timestep is a device tensor, not a Python number.
 Each distinct (name, shapes, dtypes, which inputs require grad) is captured once, on first use.
+Nor may a captured function copy from the host: constants it indexes with (token positions,
+tokenised prompts) are made on the device once, by `device_index`, and reused.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 Capture = Callable[[Callable[..., Any], tuple[torch.Tensor, ...]], Callable[..., Any]]
 
@@ -27,19 +33,38 @@ def _signature(args: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
     return tuple((tuple(a.shape), a.dtype, str(a.device), a.requires_grad) for a in args)
 
 
+@cache
+def device_index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """`values` as an int64 tensor on `device`, made once and shared, so never written to.
+
+    Indexing a GPU tensor with a Python list copies the list to the device at every call: a
+    stall eagerly, and an error inside a graph capture. Kept for the process's life: a
+    captured graph reads the tensor where it lay at capture.
+    """
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
 class GraphedCalls:
     """Captured versions of pure functions of tensors, keyed by name and input signature.
 
     `capture` makes the graphed function (default `torch.cuda.make_graphed_callables`); tests
-    pass a stand-in, since capture needs a GPU.
+    pass a stand-in, since capture needs a GPU. A function whose capture fails (a library
+    version that syncs with the host inside it, say) runs eagerly from then on, with a
+    warning, and is listed in `failed`: the same result, without the speed-up.
     """
 
     def __init__(self, capture: Capture | None = None) -> None:
         self._capture = capture or torch.cuda.make_graphed_callables
         self._graphs: dict[tuple[Any, ...], Callable[..., Any]] = {}
+        self.failed: dict[str, str] = {}
+        """Name -> the error its capture raised."""
 
     def __len__(self) -> int:
         return len(self._graphs)
+
+    def keys(self) -> list[tuple[Any, ...]]:
+        """(name, input signature) of every function captured (or fallen back) so far."""
+        return list(self._graphs)
 
     def __call__(self, name: str, fn: Callable[..., Any], *args: torch.Tensor) -> Any:
         """fn(*args), replayed from the graph captured for this name and signature.
@@ -51,7 +76,13 @@ class GraphedCalls:
         graphed = self._graphs.get(key)
         if graphed is None:
             samples = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
-            graphed = self._graphs[key] = self._capture(fn, samples)
+            try:
+                graphed = self._capture(fn, samples)
+            except RuntimeError as error:
+                log.warning("CUDA graph capture of %s failed, running it eagerly: %s", name, error)
+                self.failed[name] = str(error).splitlines()[0] if str(error) else repr(error)
+                graphed = fn
+            self._graphs[key] = graphed
         out = graphed(*args)
         if isinstance(out, torch.Tensor):
             return out.clone()

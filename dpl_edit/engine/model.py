@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
+from dpl_edit.engine.attention import Recorder, controlled_attention
 from dpl_edit.engine.graphs import GraphedCalls
 from dpl_edit.engine.settings import BUNDLED_MODEL, BUNDLED_MODELS, DEVICES, DTYPES
 from dpl_edit.engine.timers import timed
@@ -93,6 +94,7 @@ class LoadedModel:
     unet_evals: int = field(default=0)
     graphs: GraphedCalls | None = None
     """CUDA graphs of the inversion's pure UNet calls, when `use_cuda_graphs` turned them on."""
+    _timesteps: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def from_components(
@@ -150,18 +152,51 @@ class LoadedModel:
     def timestep(self, t: int) -> torch.Tensor:
         """A timestep as a tensor on the model's device, as `predict_pure` needs it (a graph
         cannot copy a Python number to the device at replay). The UNet reads it exactly as it
-        reads the number."""
-        return torch.tensor(t, device=self.device)
+        reads the number. Made once per timestep and shared, so never written to: on a GPU each
+        copy from the host waits for the device to finish its queue."""
+        if t not in self._timesteps:
+            self._timesteps[t] = torch.tensor(t, device=self.device)
+        return self._timesteps[t]
 
-    def predict_pure(self, name: str, fn: Callable[..., Any], *args: torch.Tensor) -> Any:
+    def predict_pure(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *args: torch.Tensor,
+        label: str | None = "unet_forward",
+    ) -> Any:
         """One UNet call made by `fn(*args)`, a pure function of its tensors (it installs any
         attention controllers itself and returns what they record), counted once.
 
         Replayed from a CUDA graph captured per `name` and input signature when `graphs` is on
-        (`use_cuda_graphs`); called directly otherwise, with the same result."""
+        (`use_cuda_graphs`); called directly otherwise, with the same result. `name` must tell
+        apart everything else `fn` depends on, since a replay reruns the first capture's
+        kernels. Timed under `label`; None when `fn` times its own parts (DPL's token step:
+        text encoding, UNet and losses)."""
         self.unet_evals += 1
-        with timed("unet_forward"):
+        with timed(label) if label else nullcontext():
             return fn(*args) if self.graphs is None else self.graphs(name, fn, *args)
+
+    def predict_recorded(
+        self, latents: torch.Tensor, t: int, context: torch.Tensor, recorders: Sequence[Recorder]
+    ) -> torch.Tensor:
+        """`predict` with `recorders` recording the call as one step each, made one pure call
+        (`predict_pure`) so that it too can be replayed from a CUDA graph."""
+        name = "recorded:" + ",".join(recorder.key() for recorder in recorders)
+
+        def call(
+            latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor
+        ) -> tuple[torch.Tensor, ...]:
+            fresh = [recorder.fresh() for recorder in recorders]
+            with controlled_attention(self.unet, fresh):
+                output = self.unet_output(latents, t, context)
+            return (output, *(maps for recorder in fresh for maps in recorder.step_maps()))
+
+        output, *maps = self.predict_pure(name, call, latents, self.timestep(t), context)
+        for recorder in recorders:
+            recorder.add_step(maps[: recorder.maps_per_step])
+            maps = maps[recorder.maps_per_step :]
+        return output
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -229,6 +264,25 @@ def use_cuda_graphs(model: LoadedModel, on: bool = True) -> None:
     without the per-kernel launch cost that dominates SD-sized passes on a GPU."""
     check_cuda_graphs(model.device, on)
     model.graphs = GraphedCalls() if on else None
+
+
+def check_channels_last(device: torch.device, on: bool) -> None:
+    """Refuse the channels-last layout off a CUDA device, where it has not been measured."""
+    if on and device.type != "cuda":
+        raise DplError(
+            f"channels-last is measured on CUDA devices only; the model is on {device.type}"
+        )
+
+
+def use_channels_last(model: LoadedModel, on: bool = True) -> None:
+    """Keep the UNet's weights and activations channels-last (NHWC). On a GPU, cuDNN's
+    tensor-core convolutions work in that layout: with the default layout about a third of
+    an SD-sized pass on an H100 went to converting between the two (docs/benchmarks.md).
+    The arithmetic is the same but not bitwise (other convolution kernels), so it is opt-in.
+    Turn it on before `use_cuda_graphs`: a graph keeps the layout it was captured with."""
+    check_channels_last(model.device, on)
+    layout = torch.channels_last if on else torch.contiguous_format
+    model.unet.to(memory_format=layout)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -19,7 +19,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dpl_edit.engine.attention import AttentionController, CrossAttentionStore, controlled_attention
+from dpl_edit.engine.attention import (
+    AttentionController,
+    CrossAttentionStore,
+    Recorder,
+    controlled_attention,
+)
 from dpl_edit.engine.ddim import Ddim
 from dpl_edit.engine.model import LoadedModel
 from dpl_edit.engine.settings import NullTextSettings
@@ -50,10 +55,17 @@ def ddim_inversion(
     `controllers` see every inversion step (e.g. attention stores for background estimation).
     """
     latents = [latent]
+    timesteps = tqdm(ddim.timesteps[::-1], desc="DDIM inversion", disable=not progress)
+    if all(isinstance(controller, Recorder) for controller in controllers):
+        # One pure call per step, which a CUDA graph can replay.
+        recorders = [controller for controller in controllers if isinstance(controller, Recorder)]
+        for t in timesteps:
+            output = model.predict_recorded(latent, t, cond, recorders)
+            latent = ddim.inverse_step(output, t, latent)
+            latents.append(latent)
+        return torch.cat(latents)
     with controlled_attention(model.unet, controllers) as chain:
-        for i, t in enumerate(
-            tqdm(ddim.timesteps[::-1], desc="DDIM inversion", disable=not progress)
-        ):
+        for i, t in enumerate(timesteps):
             chain.begin_step(i)
             latent = ddim.inverse_step(model.predict(latent, t, cond), t, latent)
             chain.end_step()
@@ -143,9 +155,8 @@ def null_text_inversion(
     bar = tqdm(total=steps * settings.inner_steps, desc=desc, disable=not progress)
     for i, t in enumerate(ddim.timesteps):
         step_cond = cond if stage is None else stage(i, t, latent).detach()
-        with torch.no_grad(), controlled_attention(model.unet, [store]):
-            cond_output = model.predict(latent, t, step_cond)
-        store.end_step()
+        with torch.no_grad():
+            cond_output = model.predict_recorded(latent, t, step_cond, [store])
         init = null if settings.warm_start else uncond
         null, taken, loss = optimize_null(
             model, ddim, i, latent, latents[steps - i - 1 : steps - i], cond_output, init,

@@ -12,12 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 import torch
 from transformers import CLIPTokenizer
 
+from dpl_edit.engine.graphs import device_index
 from dpl_edit.engine.model import LoadedModel
 from dpl_edit.engine.timers import timed
 from dpl_edit.errors import DplError
@@ -83,6 +84,16 @@ def _padded_ids(tokenizer: CLIPTokenizer, prompts: tuple[str, ...]) -> torch.Ten
     ).input_ids  # fmt: skip
 
 
+@cache
+def _ids_on(
+    tokenizer: CLIPTokenizer, prompts: tuple[str, ...], device: torch.device
+) -> torch.Tensor:
+    """`tokenize` on `device`, made once and never written to: no host-to-device copy per
+    encoding (which a CUDA graph capture refuses), and kept for as long as the process runs,
+    since a captured graph reads it where it lies."""
+    return _padded_ids(tokenizer, prompts).to(device)
+
+
 def word_spans(tokenizer: CLIPTokenizer, prompt: str) -> list[tuple[str, list[int]]]:
     """Each whitespace-separated word of the prompt with its token positions (BOS is 0).
 
@@ -133,12 +144,13 @@ def _overridden_token_embeddings(
         yield
         return
     keys = list(token_vectors)
-    rows = torch.tensor([k[0] for k in keys])
-    cols = torch.tensor([k[1] for k in keys])
+    rows = tuple(k[0] for k in keys)
+    cols = tuple(k[1] for k in keys)
 
     def replace(_module: torch.nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         vectors = torch.stack([token_vectors[k] for k in keys]).to(output)
-        return output.index_put((rows.to(output.device), cols.to(output.device)), vectors)
+        where = (device_index(rows, output.device), device_index(cols, output.device))
+        return output.index_put(where, vectors)
 
     handle = model.text_encoder.get_input_embeddings().register_forward_hook(replace)
     try:
@@ -154,7 +166,7 @@ def encode_text(
 
     Differentiable with respect to `token_vectors`; without them no graph is built.
     """
-    ids = tokenize(model.tokenizer, prompts).to(model.device)
+    ids = _ids_on(model.tokenizer, tuple(prompts), model.device)
     for index, position in token_vectors or {}:
         if not (0 <= index < len(prompts) and 0 < position < ids.shape[1]):
             raise ValueError(f"token slot ({index}, {position}) is outside the prompts")
