@@ -101,8 +101,11 @@ def _add_model_options(group: argparse._ActionsContainer) -> None:
     group.add_argument("--device", default="auto", help=f"{DEVICES} (default: %(default)s)")
     group.add_argument("--dtype", default=DTYPES[0], choices=DTYPES, help="(default: %(default)s)")
     group.add_argument("--cuda-graphs", action="store_true",
-                       help="replay inversions' UNet passes with gradient from CUDA graphs (GPU "
-                       "only; the same results, 2.5-3.7x faster at Stable Diffusion size on an H100)")  # fmt: skip
+                       help="replay inversions' UNet passes from CUDA graphs (GPU only; the same "
+                       "results, 4-5x faster at Stable Diffusion size on an H100)")  # fmt: skip
+    group.add_argument("--channels-last", action="store_true",
+                       help="keep the UNet channels-last (GPU only; the same arithmetic, not "
+                       "bitwise; with --cuda-graphs 1.2x faster at Stable Diffusion size on an H100)")  # fmt: skip
 
 
 def _add_inversion_options(parser: argparse.ArgumentParser, one_image: bool = True) -> None:
@@ -349,7 +352,7 @@ def _load_model(args: argparse.Namespace):
     torch.manual_seed(args.seed)
     if args.threads is not None and args.threads < 1:  # before the model loads
         raise DplError("--threads must be at least 1")
-    model = load_model(args.model, args.device, args.dtype, args.cuda_graphs)
+    model = load_model(args.model, args.device, args.dtype, args.cuda_graphs, args.channels_last)
     use_threads(model, args.threads)
     return model
 
@@ -593,7 +596,11 @@ def _executor(args: argparse.Namespace, model) -> Any:
     from dpl_edit.batch.executors import ModelSpec, make_executor
 
     spec = ModelSpec(
-        args.model or os.environ.get("DPL_MODEL"), args.device, args.dtype, args.cuda_graphs
+        args.model or os.environ.get("DPL_MODEL"),
+        args.device,
+        args.dtype,
+        args.cuda_graphs,
+        args.channels_last,
     )
     return make_executor(model, spec, args.workers, args.ray, args.gpus_per_job)
 
@@ -758,7 +765,14 @@ def _run_ui(args: argparse.Namespace) -> Summary:
     from dpl_edit.ui.app import serve
 
     address = serve(
-        args.model, args.device, args.dtype, args.host, args.port, args.share, args.cuda_graphs
+        args.model,
+        args.device,
+        args.dtype,
+        args.host,
+        args.port,
+        args.share,
+        args.cuda_graphs,
+        args.channels_last,
     )
     return _summary({"address": address}, {}, {})
 

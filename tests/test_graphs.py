@@ -18,7 +18,7 @@ from dpl_edit.cli import main
 from dpl_edit.dpl.losses import DplLossConfig
 from dpl_edit.engine.graphs import GraphedCalls
 from dpl_edit.engine.inversion import invert
-from dpl_edit.engine.model import use_cuda_graphs
+from dpl_edit.engine.model import use_channels_last, use_cuda_graphs
 from dpl_edit.errors import DplError
 from dpl_edit.ui.app import serve
 
@@ -124,21 +124,28 @@ def test_a_function_whose_capture_fails_runs_eagerly(tiny_model, caplog):
     assert "running it eagerly" in caplog.text
 
 
-def test_cuda_graphs_are_refused_off_the_gpu(
-    tiny_model, tiny_model_dir, image_file, tmp_path, capsys
+@pytest.mark.parametrize(
+    ("flag", "option", "turn_on", "message"),
+    [
+        ("--cuda-graphs", "cuda_graphs", use_cuda_graphs, "CUDA graphs need a CUDA device"),
+        ("--channels-last", "channels_last", use_channels_last, "channels-last needs a CUDA"),
+    ],
+)
+def test_gpu_speed_options_are_refused_off_the_gpu(
+    flag, option, turn_on, message, tiny_model, tiny_model_dir, image_file, tmp_path, capsys
 ):
     """Every way in (library, batch workers, web app, CLI) refuses before any work is done."""
-    with pytest.raises(DplError, match="CUDA device"):
-        use_cuda_graphs(tiny_model)
-    with pytest.raises(DplError, match="CUDA device"):
-        ModelSpec(str(tiny_model_dir), "cpu", cuda_graphs=True).load()
-    with pytest.raises(DplError, match="CUDA device"):
-        serve(str(tiny_model_dir), "cpu", cuda_graphs=True)
-    argv = ["invert", str(image_file), "--prompt", "a cat and a dog", "--cuda-graphs"]
+    with pytest.raises(DplError, match=message):
+        turn_on(tiny_model)
+    with pytest.raises(DplError, match=message):
+        ModelSpec(str(tiny_model_dir), "cpu", **{option: True}).load()
+    with pytest.raises(DplError, match=message):
+        serve(str(tiny_model_dir), "cpu", **{option: True})
+    argv = ["invert", str(image_file), "--prompt", "a cat and a dog", flag]
     argv += ["--out", str(tmp_path / "inv"), "--model", str(tiny_model_dir), "--device", "cpu"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: CUDA graphs need a CUDA device") and "\n" not in err
+    assert err.startswith(f"error: {message}") and "\n" not in err
     assert not (tmp_path / "inv").exists()
-    assert main(["ui", "--device", "cpu", "--cuda-graphs"]) == 2  # refused before serving
-    assert capsys.readouterr().err.startswith("error: CUDA graphs need a CUDA device")
+    assert main(["ui", "--device", "cpu", flag]) == 2  # refused before serving
+    assert capsys.readouterr().err.startswith(f"error: {message}")

@@ -125,3 +125,5 @@ def test_pipeline_refuses_cuda_graphs_off_the_gpu(capsys):
     assert "CUDA graphs need a CUDA device" in capsys.readouterr().err
     assert sd_scale.main(["--cuda-graphs", "on"]) == 2
     assert "give --pipeline-steps" in capsys.readouterr().err
+    assert sd_scale.main(["--channels-last", "--pipeline-steps", "2"]) == 2
+    assert "channels-last needs a CUDA device" in capsys.readouterr().err

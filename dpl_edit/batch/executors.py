@@ -41,10 +41,15 @@ class ModelSpec:
     device: str = "cpu"
     dtype: str = "float32"
     cuda_graphs: bool = False
+    channels_last: bool = False
 
     def load(self) -> LoadedModel:
         return load_model(
-            self.path, device=self.device, dtype=self.dtype, cuda_graphs=self.cuda_graphs
+            self.path,
+            device=self.device,
+            dtype=self.dtype,
+            cuda_graphs=self.cuda_graphs,
+            channels_last=self.channels_last,
         )
 
 

@@ -1,4 +1,4 @@
-"""CUDA-graph replay of the inversion's UNet calls with gradient (GPU only, opt-in).
+"""CUDA-graph replay of the inversion's UNet calls, with and without gradient (GPU only, opt-in).
 
 At Stable Diffusion scale on one H100 a UNet pass is launch-bound: the host issues about a
 thousand kernels per pass, and a batch of 4 costs what a batch of 1 costs (docs/benchmarks.md,
@@ -10,9 +10,11 @@ Only pure functions of their tensor arguments can be graphed: Python runs once, 
 each replay reruns the recorded kernels on new values copied into the captured inputs. So the
 functions given here install their attention controllers themselves and return what those record
 instead of leaving it in a store, and the timestep is a device tensor, not a Python number.
-Each distinct (name, shapes, dtypes, which inputs require grad) is captured once, on first use.
-Nor may a captured function copy from the host: constants it indexes with (token positions,
-tokenised prompts) are made on the device once, by `device_index`, and reused.
+Each distinct (name, shapes, dtypes, which inputs require grad) is captured once, on first use,
+so the name must tell apart everything else the function reads. Nor may a captured function
+copy from the host or read a tensor's value: constants it indexes with (token positions, word
+token groups) are made on the device once, by `device_index`, and kept, and value tests (DPL's
+thresholds) happen after the replay.
 """
 
 from __future__ import annotations

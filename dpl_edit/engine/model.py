@@ -259,9 +259,10 @@ def check_cuda_graphs(device: torch.device, on: bool) -> None:
 
 
 def use_cuda_graphs(model: LoadedModel, on: bool = True) -> None:
-    """Replay the inversion's UNet calls with gradient (null-text and DPL token updates, and
-    the pass after each null-text fit) from CUDA graphs: the same kernels on the same values,
-    without the per-kernel launch cost that dominates SD-sized passes on a GPU."""
+    """Replay the inversion's UNet calls (`predict_pure`: DDIM inversion and conditional
+    passes, null-text updates and the pass after each fit, DPL token updates) from CUDA
+    graphs: the same kernels on the same values, without the per-kernel launch cost that
+    dominates SD-sized passes on a GPU."""
     check_cuda_graphs(model.device, on)
     model.graphs = GraphedCalls() if on else None
 
@@ -270,7 +271,8 @@ def check_channels_last(device: torch.device, on: bool) -> None:
     """Refuse the channels-last layout off a CUDA device, where it has not been measured."""
     if on and device.type != "cuda":
         raise DplError(
-            f"channels-last is measured on CUDA devices only; the model is on {device.type}"
+            f"channels-last needs a CUDA device, where it was measured; the model is on "
+            f"{device.type}"
         )
 
 
@@ -497,13 +499,15 @@ def load_model(
     device: str = "cpu",
     dtype: str = DTYPES[0],
     cuda_graphs: bool = False,
+    channels_last: bool = False,
 ) -> LoadedModel:
     """Load a diffusers SD folder (or cached hub id); None means $DPL_MODEL or the bundled model.
 
     `device` is cpu, cuda, cuda:N, mps, or "auto" (the GPU when there is one); `cuda_graphs`
-    (CUDA only) turns on `use_cuda_graphs`."""
+    and `channels_last` (CUDA only) turn on `use_cuda_graphs` and `use_channels_last`."""
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     check_cuda_graphs(torch_device, cuda_graphs)
+    check_channels_last(torch_device, channels_last)
     folder, name = model_folder(path_or_hub_id)
     missing = [c for c in _COMPONENTS if not (folder / c).is_dir()]
     if missing or not (folder / "model_index.json").is_file():
@@ -531,5 +535,6 @@ def load_model(
         vae, text_encoder, tokenizer, unet, _scheduler(folder), _identity(folder, name),
         torch_device, torch_dtype, defaults=lambda latent_size: _read_defaults(folder, latent_size),
     )  # fmt: skip
+    use_channels_last(model, channels_last)
     use_cuda_graphs(model, cuda_graphs)
     return model

@@ -22,7 +22,13 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
-from dpl_edit.engine.model import LoadedModel, check_cuda_graphs, load_model, resolve_device
+from dpl_edit.engine.model import (
+    LoadedModel,
+    check_channels_last,
+    check_cuda_graphs,
+    load_model,
+    resolve_device,
+)
 from dpl_edit.engine.settings import DTYPES, TARGET_TOKENS, EditSettings, InversionSettings
 from dpl_edit.errors import DplError, error_line
 from dpl_edit.io.atomic import atomic_write_bytes
@@ -352,17 +358,20 @@ def serve(
     port: int = 7860,
     share: bool = False,
     cuda_graphs: bool = False,
+    channels_last: bool = False,
 ) -> str:
     """Start the app (the model loads in the background), print its address, serve until
-    interrupted; returns the address. A setting the model cannot take (`cuda_graphs` off a
-    GPU) is refused before anything starts."""
+    interrupted; returns the address. A setting the model cannot take (`cuda_graphs` or
+    `channels_last` off a GPU) is refused before anything starts."""
     check_cuda_graphs(resolve_device(device), cuda_graphs)
-    holder = ModelHolder(lambda: load_model(model, device, dtype, cuda_graphs))
+    check_channels_last(resolve_device(device), channels_last)
+    holder = ModelHolder(lambda: load_model(model, device, dtype, cuda_graphs, channels_last))
     holder.start()
     model_args = (*(("--model", model) if model else ()),
                   *(("--device", device) if device != "auto" else ()),
                   *(("--dtype", dtype) if dtype != DTYPES[0] else ()),
-                  *(("--cuda-graphs",) if cuda_graphs else ()))  # fmt: skip
+                  *(("--cuda-graphs",) if cuda_graphs else ()),
+                  *(("--channels-last",) if channels_last else ()))  # fmt: skip
     demo = build_app(holder, bundled_scenes(), model_args)
     demo.queue(default_concurrency_limit=1)
     try:
