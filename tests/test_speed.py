@@ -49,3 +49,13 @@ def test_a_quick_report_leaves_out_what_was_not_run():
     assert "1.50x (defaults), 1.12x (`dpl-plateau`" in text and "speed options" not in text
     assert "0.75x (`dpl-early` / default NTI)" in text
     assert "Where one DPL inversion's time goes" not in text
+
+
+def test_the_median_run_is_reported_with_every_run_listed():
+    runs = [(name, speed.Timing("NTI inversion", s, 10, "PSNR 31.5 dB")) for name, s in
+            (("first", 3.0), ("second", 1.0), ("third", 2.0))]  # fmt: skip
+    inversion, timing = speed._median(runs)
+    assert inversion == "third" and timing.seconds == 2.0
+    assert timing.note == "PSNR 31.5 dB; median of 3 runs (3.00, 1.00, 2.00 s)"
+    assert speed._median(runs[:2])[0] == "second"  # the lower middle of an even count
+    assert speed._median(runs[:1])[1] == runs[0][1]  # one run: as measured, no note added
