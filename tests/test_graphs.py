@@ -58,6 +58,19 @@ def test_one_capture_per_signature_and_outputs_survive_the_next_replay():
     assert len(calls) == 4 and captured[1] == ((3,),)
 
 
+def test_the_least_recently_used_graph_is_dropped_beyond_the_limit():
+    captured: list = []
+    calls = GraphedCalls(_static_buffer_capture(captured), keep=2)
+    double = lambda x: 2 * x  # noqa: E731
+    calls("a", double, torch.tensor([1.0]))
+    calls("b", double, torch.tensor([1.0]))
+    calls("a", double, torch.tensor([2.0]))  # replayed: "b" is now the least recently used
+    calls("c", double, torch.tensor([1.0]))
+    assert [name for name, _ in calls.keys()] == ["a", "c"] and len(captured) == 3
+    assert torch.equal(calls("b", double, torch.tensor([3.0])), torch.tensor([6.0]))
+    assert len(captured) == 4  # captured again
+
+
 def _dpl(model, seed: int = 0):
     config = DplLossConfig(max_inner_steps=3, use_thresholds=False)
     return invert(

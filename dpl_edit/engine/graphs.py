@@ -20,6 +20,7 @@ thresholds) happen after the replay.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -52,12 +53,16 @@ class GraphedCalls:
     `capture` makes the graphed function (default `torch.cuda.make_graphed_callables`); tests
     pass a stand-in, since capture needs a GPU. A function whose capture fails (a library
     version that syncs with the host inside it, say) runs eagerly from then on, with a
-    warning, and is listed in `failed`: the same result, without the speed-up.
+    warning, and is listed in `failed`: the same result, without the speed-up. At most
+    `keep` graphs are kept, the least recently used dropped first: each holds its own
+    memory, and a long-running web app meets a new token step (a new graph) with every
+    prompt.
     """
 
-    def __init__(self, capture: Capture | None = None) -> None:
+    def __init__(self, capture: Capture | None = None, keep: int = 16) -> None:
         self._capture = capture or torch.cuda.make_graphed_callables
-        self._graphs: dict[tuple[Any, ...], Callable[..., Any]] = {}
+        self._graphs: OrderedDict[tuple[Any, ...], Callable[..., Any]] = OrderedDict()
+        self.keep = keep
         self.failed: dict[str, str] = {}
         """Name -> the error its capture raised."""
 
@@ -76,7 +81,9 @@ class GraphedCalls:
         """
         key = (name, _signature(args))
         graphed = self._graphs.get(key)
-        if graphed is None:
+        if graphed is not None:
+            self._graphs.move_to_end(key)
+        else:
             samples = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
             try:
                 graphed = self._capture(fn, samples)
@@ -85,6 +92,8 @@ class GraphedCalls:
                 self.failed[name] = str(error).splitlines()[0] if str(error) else repr(error)
                 graphed = fn
             self._graphs[key] = graphed
+            while len(self._graphs) > self.keep:
+                self._graphs.popitem(last=False)
         out = graphed(*args)
         if isinstance(out, torch.Tensor):
             return out.clone()
