@@ -178,3 +178,23 @@ def test_stopping_after_the_last_recorded_layer_keeps_maps_and_gradients(tiny_mo
     assert torch.equal(cut_maps, full_maps)
     torch.testing.assert_close(cut_grad, full_grad, rtol=1e-5, atol=1e-7)
     assert cut_grad.abs().sum() > 0
+
+
+def test_a_recorded_call_gives_the_stores_what_recording_in_place_does(tiny_model):
+    """`predict_recorded` (fresh stores inside one pure call, their maps added afterwards, so a
+    CUDA graph can replay it) leaves the stores exactly as installing them for the call does."""
+    latents, context = _inputs(tiny_model)
+    in_place = [CrossAttentionStore([8, 16], rows=[1]), SelfAttentionStore(16, rows=[0])]
+    recorded = [store.fresh() for store in in_place]
+    with torch.no_grad():
+        for step, t in enumerate((981, 501)):
+            with controlled_attention(tiny_model.unet, in_place) as chain:
+                chain.begin_step(step)
+                want = tiny_model.unet(latents, t, encoder_hidden_states=context).sample
+                chain.end_step()
+            got = tiny_model.predict_recorded(latents, t, context, recorded)
+            assert torch.equal(got, want)
+    for res in (8, 16):
+        assert torch.equal(recorded[0].average(res), in_place[0].average(res))
+    assert torch.equal(recorded[1].average(), in_place[1].average())
+    assert recorded[0].steps_recorded == recorded[1].steps_recorded == 2
