@@ -127,3 +127,5 @@ def test_pipeline_refuses_cuda_graphs_off_the_gpu(capsys):
     assert "give --pipeline-steps" in capsys.readouterr().err
     assert sd_scale.main(["--channels-last", "--pipeline-steps", "2"]) == 2
     assert "channels-last needs a CUDA device" in capsys.readouterr().err
+    assert sd_scale.main(["--channels-last"]) == 2
+    assert "give --pipeline-steps" in capsys.readouterr().err

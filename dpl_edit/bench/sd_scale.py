@@ -49,8 +49,7 @@ from dpl_edit.engine.edit import edit
 from dpl_edit.engine.inversion import invert
 from dpl_edit.engine.model import (
     LoadedModel,
-    check_channels_last,
-    check_cuda_graphs,
+    check_gpu_options,
     resolve_device,
     sd_ddim_scheduler,
     use_channels_last,
@@ -299,14 +298,14 @@ def measure_pipeline(
     make the adaptive loops (null-text early stop, the token stage's thresholds) run as they
     happen to, not as on SD's weights, so each stage's UNet passes are recorded beside its time;
     a 1-step NTI inversion first takes the first-call costs (kernel selection, allocator).
-    `graphs` ("on" or "both", GPU only) replays the inversions' UNet passes with gradient from
-    CUDA graphs (`use_cuda_graphs`); with "both", the eager stages run first and the second
-    value returned holds, per inversion, the largest differences between the two runs' results.
+    `graphs` ("on" or "both", GPU only) replays the inversions' UNet passes from CUDA graphs
+    (`use_cuda_graphs`); with "both", the eager stages run first and the second value
+    returned holds, per inversion, the largest differences between the two runs' results.
+    `channels_last` (GPU only) keeps the UNet channels-last (`use_channels_last`).
     """
     if graphs not in GRAPH_MODES:
         raise DplError(f"unknown CUDA-graph mode {graphs!r}; choose one of {GRAPH_MODES}")
-    check_cuda_graphs(device, graphs != "off")
-    check_channels_last(device, channels_last)
+    check_gpu_options(device, graphs != "off", channels_last)
     model = random_sd_model(device, dtype, configs)
     use_channels_last(model, channels_last)
     scene = world_scene("val", 0)
@@ -574,10 +573,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise DplError("--pipeline-steps must be 0 (not run) or more")
         if args.cuda_graphs != "off" and not args.pipeline_steps:
             raise DplError("--cuda-graphs applies to the pipeline: give --pipeline-steps N")
+        if args.channels_last and not args.pipeline_steps:
+            raise DplError("--channels-last applies to the pipeline: give --pipeline-steps N")
         counts = None if args.inversion is None else PassCounts.from_inversion(args.inversion)
         device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
-        check_cuda_graphs(device, args.cuda_graphs != "off")  # before minutes of measuring
-        check_channels_last(device, args.channels_last)
+        # Before minutes of measuring.
+        check_gpu_options(device, args.cuda_graphs != "off", args.channels_last)
         units = measure_units(device, dtype, args.repeats)
         overhead = measure_overhead(device, dtype, args.repeats) if args.overhead else None
         pipeline, differences = (

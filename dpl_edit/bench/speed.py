@@ -170,7 +170,7 @@ def run_speed(
     for _ in range(repeats):
         for method, inversions in runs.items():
             inversions.append(_timed_inversion(model, image, prompt, method, steps))
-    nti, dpl = (_median(inversions)[1] for inversions in runs.values())
+    nti, dpl = (_median([timing for _, timing in inversions]) for inversions in runs.values())
     dpl_inversion = runs["dpl"][-1][0]
     timings += [nti, dpl]
     dpl_inversion.save(work / "dpl.inv", overwrite=True)
@@ -221,14 +221,13 @@ def run_speed(
     return record
 
 
-def _median(runs: list[tuple[Inversion, Timing]]) -> tuple[Inversion, Timing]:
+def _median(runs: list[Timing]) -> Timing:
     """The run of median time (the lower middle of an even count), its note listing all."""
-    ranked = sorted(runs, key=lambda run: run[1].seconds)
-    inversion, timing = ranked[(len(ranked) - 1) // 2]
+    timing = sorted(runs, key=lambda run: run.seconds)[(len(runs) - 1) // 2]
     if len(runs) > 1:
-        each = ", ".join(f"{run[1].seconds:.2f}" for run in runs)
+        each = ", ".join(f"{run.seconds:.2f}" for run in runs)
         timing = replace(timing, note=f"{timing.note}; median of {len(runs)} runs ({each} s)")
-    return inversion, timing
+    return timing
 
 
 def _timed_edit(

@@ -524,10 +524,8 @@ def evaluate_losses(
     if not levels or len(masks) != len(levels):
         raise ValueError(f"{len(levels)} attention levels but {len(masks)} background masks")
     wants_bg = takes_background(step_index, config, total_steps)
-    present = usable_masks(masks)
-    terms = loss_terms(
-        levels, word_token_groups, present if wants_bg else None, config, n_prompt_tokens
-    )
+    present = usable_masks(masks) if wants_bg else None  # no mask test when it is not used
+    terms = loss_terms(levels, word_token_groups, present, config, n_prompt_tokens)
     return loss_report(
         terms, step_index, config, total_steps, bg_skipped=wants_bg and present is None
     )

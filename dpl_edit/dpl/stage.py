@@ -254,8 +254,8 @@ class TokenStage:
         graph can replay; only the judging against the step's thresholds happens outside.
         """
         wants_bg = takes_background(step, self.config, self.total_steps)
-        with_bg = wants_bg and self._masks is not None
-        masks = self._masks if with_bg and self._masks is not None else ()
+        masks = self._masks if wants_bg and self._masks is not None else []
+        with_bg = bool(masks)
         out = self.model.predict_pure(
             f"dpl-step:{self._key}:bg={with_bg}",
             self._terms,

@@ -252,10 +252,20 @@ def use_threads(model: LoadedModel, threads: int | None = None, edit: bool = Fal
         torch.set_num_threads(chosen)
 
 
-def check_cuda_graphs(device: torch.device, on: bool) -> None:
-    """Refuse CUDA graphs off a CUDA device (before any loading, so the error comes first)."""
-    if on and device.type != "cuda":
+def check_gpu_options(
+    device: torch.device, cuda_graphs: bool = False, channels_last: bool = False
+) -> None:
+    """Refuse the GPU-only speed options off a CUDA device (before any loading, so the error
+    comes first): CUDA graphs need one, and channels-last was measured on one only."""
+    if device.type == "cuda":
+        return
+    if cuda_graphs:
         raise DplError(f"CUDA graphs need a CUDA device; the model is on {device.type}")
+    if channels_last:
+        raise DplError(
+            f"channels-last needs a CUDA device, where it was measured; the model is on "
+            f"{device.type}"
+        )
 
 
 def use_cuda_graphs(model: LoadedModel, on: bool = True) -> None:
@@ -263,17 +273,8 @@ def use_cuda_graphs(model: LoadedModel, on: bool = True) -> None:
     passes, null-text updates and the pass after each fit, DPL token updates) from CUDA
     graphs: the same kernels on the same values, without the per-kernel launch cost that
     dominates SD-sized passes on a GPU."""
-    check_cuda_graphs(model.device, on)
+    check_gpu_options(model.device, cuda_graphs=on)
     model.graphs = GraphedCalls() if on else None
-
-
-def check_channels_last(device: torch.device, on: bool) -> None:
-    """Refuse the channels-last layout off a CUDA device, where it has not been measured."""
-    if on and device.type != "cuda":
-        raise DplError(
-            f"channels-last needs a CUDA device, where it was measured; the model is on "
-            f"{device.type}"
-        )
 
 
 def use_channels_last(model: LoadedModel, on: bool = True) -> None:
@@ -282,7 +283,7 @@ def use_channels_last(model: LoadedModel, on: bool = True) -> None:
     an SD-sized pass on an H100 went to converting between the two (docs/benchmarks.md).
     The arithmetic is the same but not bitwise (other convolution kernels), so it is opt-in.
     Turn it on before `use_cuda_graphs`: a graph keeps the layout it was captured with."""
-    check_channels_last(model.device, on)
+    check_gpu_options(model.device, channels_last=on)
     layout = torch.channels_last if on else torch.contiguous_format
     model.unet.to(memory_format=layout)
 
@@ -506,8 +507,7 @@ def load_model(
     `device` is cpu, cuda, cuda:N, mps, or "auto" (the GPU when there is one); `cuda_graphs`
     and `channels_last` (CUDA only) turn on `use_cuda_graphs` and `use_channels_last`."""
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
-    check_cuda_graphs(torch_device, cuda_graphs)
-    check_channels_last(torch_device, channels_last)
+    check_gpu_options(torch_device, cuda_graphs, channels_last)
     folder, name = model_folder(path_or_hub_id)
     missing = [c for c in _COMPONENTS if not (folder / c).is_dir()]
     if missing or not (folder / "model_index.json").is_file():

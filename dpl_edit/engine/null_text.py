@@ -56,9 +56,9 @@ def ddim_inversion(
     """
     latents = [latent]
     timesteps = tqdm(ddim.timesteps[::-1], desc="DDIM inversion", disable=not progress)
-    if all(isinstance(controller, Recorder) for controller in controllers):
-        # One pure call per step, which a CUDA graph can replay.
-        recorders = [controller for controller in controllers if isinstance(controller, Recorder)]
+    recorders = [controller for controller in controllers if isinstance(controller, Recorder)]
+    if len(recorders) == len(controllers):
+        # Recorders only: one pure call per step, which a CUDA graph can replay.
         for t in timesteps:
             output = model.predict_recorded(latent, t, cond, recorders)
             latent = ddim.inverse_step(output, t, latent)

@@ -24,8 +24,7 @@ from PIL import Image
 
 from dpl_edit.engine.model import (
     LoadedModel,
-    check_channels_last,
-    check_cuda_graphs,
+    check_gpu_options,
     load_model,
     resolve_device,
 )
@@ -363,8 +362,7 @@ def serve(
     """Start the app (the model loads in the background), print its address, serve until
     interrupted; returns the address. A setting the model cannot take (`cuda_graphs` or
     `channels_last` off a GPU) is refused before anything starts."""
-    check_cuda_graphs(resolve_device(device), cuda_graphs)
-    check_channels_last(resolve_device(device), channels_last)
+    check_gpu_options(resolve_device(device), cuda_graphs, channels_last)
     holder = ModelHolder(lambda: load_model(model, device, dtype, cuda_graphs, channels_last))
     holder.start()
     model_args = (*(("--model", model) if model else ()),
