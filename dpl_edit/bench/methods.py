@@ -284,6 +284,19 @@ _TABLE += tuple(
     )
     for name, until, part in _EARLY
 )
+_DRIFTS = (("dpl-drift025", 0.25), ("dpl-drift035", 0.35), ("dpl-drift075", 0.75))
+"""The radius sweep around the default's `max_drift` 0.5: a smaller radius keeps the learned
+vectors closer to the vocabulary (edits like NTI's), a larger one lets the maps move further."""
+_TABLE += tuple(
+    BenchMethod(
+        name,
+        "dpl",
+        f"DPL (model defaults) with each learned vector kept within {radius} x its embedding's"
+        " norm of it (max_drift sweep)",
+        {"max_drift": radius},
+    )
+    for name, radius in _DRIFTS
+)
 METHODS: dict[str, BenchMethod] = {m.name: m for m in _TABLE}
 DEFAULT_METHODS = ("ddim", "nti", "dpl")
 BASELINE = "nti"
