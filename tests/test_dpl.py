@@ -448,7 +448,8 @@ class _Quadratic(TokenStage):
 
     def losses(self, vectors, step, t, latent):
         total = (vectors - self.target).square().sum()
-        return LossReport(None, None, None, total, None, False, False)
+        # One active loss and no thresholds: never satisfied, so only the stopping rules stop.
+        return LossReport(total, None, None, total, None, False)
 
 
 def _one_quadratic_step(

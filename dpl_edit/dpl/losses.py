@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from typing import Literal
 
 import torch
@@ -375,21 +375,39 @@ class LossReport:
     bg: torch.Tensor | None
     total: torch.Tensor
     thresholds: Thresholds | None
-    satisfied: bool
     bg_skipped: bool
+
+    @cached_property
+    def numbers(self) -> dict[str, float]:
+        """The active losses and the total as plain numbers, read off the device in one go:
+        on a GPU every separate read waits for the device's whole queue."""
+        named = {
+            name: loss
+            for name, loss in (("at", self.at), ("dj", self.dj), ("bg", self.bg))
+            if loss is not None
+        }
+        named["total"] = self.total
+        values = torch.stack([loss.detach().float() for loss in named.values()]).tolist()
+        return dict(zip(named, values, strict=True))
+
+    @property
+    def satisfied(self) -> bool:
+        """Every active loss strictly under its threshold (Eq. 10), i.e. the inner loop should
+        stop without updating. Without thresholds only when no loss is active at all, since
+        there is then nothing to optimise."""
+        active = {name: value for name, value in self.numbers.items() if name != "total"}
+        if self.thresholds is None:
+            return not active
+        return all(value < getattr(self.thresholds, name) for name, value in active.items())
 
     def as_record(self) -> dict[str, float | bool | None]:
         """Plain numbers for the per-step trace written next to an inversion."""
-
-        def value(loss: torch.Tensor | None) -> float | None:
-            return None if loss is None else float(loss.detach())
-
         th = self.thresholds
         return {
-            "at": value(self.at),
-            "dj": value(self.dj),
-            "bg": value(self.bg),
-            "total": float(self.total.detach()),
+            "at": self.numbers.get("at"),
+            "dj": self.numbers.get("dj"),
+            "bg": self.numbers.get("bg"),
+            "total": self.numbers["total"],
             "th_at": None if th is None else th.at,
             "th_dj": None if th is None else th.dj,
             "th_bg": None if th is None else th.bg,
@@ -480,20 +498,13 @@ def loss_report(
     total_steps: int | None = None,
     bg_skipped: bool = False,
 ) -> LossReport:
-    """`loss_terms`' values judged against the step's thresholds (Eq. 10)."""
-    active = {name: loss for name, loss in terms.items() if name != "total"}
-    th = thresholds(step_index, config, total_steps) if config.use_thresholds else None
-    if th is None:
-        satisfied = not active
-    else:
-        satisfied = all(float(loss.detach()) < getattr(th, name) for name, loss in active.items())
+    """`loss_terms`' values with the step's thresholds (Eq. 10), which `satisfied` judges."""
     return LossReport(
         at=terms.get("at"),
         dj=terms.get("dj"),
         bg=terms.get("bg"),
         total=terms["total"],
-        thresholds=th,
-        satisfied=satisfied,
+        thresholds=thresholds(step_index, config, total_steps) if config.use_thresholds else None,
         bg_skipped=bg_skipped,
     )
 

@@ -313,7 +313,7 @@ class TokenStage:
                 self._warn_if_background_skipped(report)
                 if report.satisfied:
                     break
-                if before is not None and report.total.item() > before[1].total.item():
+                if before is not None and report.numbers["total"] > before[1].numbers["total"]:
                     with torch.no_grad():
                         vectors.copy_(before[0])
                     report, updates = before[1], updates - 1
@@ -351,8 +351,8 @@ class TokenStage:
         tol = self.config.plateau_tol
         if tol is None:
             return False
-        previous = before.total.item()
-        return previous - now.total.item() < tol * abs(previous)
+        previous = before.numbers["total"]
+        return previous - now.numbers["total"] < tol * abs(previous)
 
     @torch.no_grad()
     def _pull_back(self, vectors: torch.Tensor) -> None:

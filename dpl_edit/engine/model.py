@@ -177,6 +177,13 @@ class LoadedModel:
         with timed(label) if label else nullcontext():
             return fn(*args) if self.graphs is None else self.graphs(name, fn, *args)
 
+    def predict_replayable(
+        self, latents: torch.Tensor, t: int, context: torch.Tensor
+    ) -> torch.Tensor:
+        """`predict` made one pure call (`predict_pure`), so that a CUDA graph can replay it:
+        the null-text fits and the guided step after each."""
+        return self.predict_pure("unet", self.unet_output, latents, self.timestep(t), context)
+
     def predict_recorded(
         self, latents: torch.Tensor, t: int, context: torch.Tensor, recorders: Sequence[Recorder]
     ) -> torch.Tensor:

@@ -96,11 +96,8 @@ def optimize_null(
     optimizer = torch.optim.Adam([null], lr=settings.lr * (1.0 - step / 100.0))
     cond_output, latent32, target = cond_output.float(), latent.float(), target.float()
     loss_value, taken = float("nan"), 0
-    t_tensor = model.timestep(t)
     for taken in range(1, settings.inner_steps + 1):  # noqa: B007 - `taken` is reported
-        uncond_output = model.predict_pure(
-            "unet", model.unet_output, latent, t_tensor, null.to(model.dtype)
-        ).float()
+        uncond_output = model.predict_replayable(latent, t, null.to(model.dtype)).float()
         loss = F.mse_loss(
             ddim.guided_step(uncond_output, cond_output, guidance, t, latent32), target
         )
@@ -167,9 +164,7 @@ def null_text_inversion(
         losses.append(loss)
         bar.update(settings.inner_steps)
         with torch.no_grad():
-            uncond_output = model.predict_pure(
-                "unet", model.unet_output, latent, model.timestep(t), null.to(model.dtype)
-            )
+            uncond_output = model.predict_replayable(latent, t, null.to(model.dtype))
             latent = ddim.guided_step(uncond_output, cond_output, guidance, t, latent)
         path.append(latent)
     bar.close()
