@@ -327,3 +327,13 @@ def test_rows_that_differ_only_in_their_edit_share_one_inversion(world_model: Lo
         for noun, attention in alone.maps.items():
             torch.testing.assert_close(run.maps[noun], attention)
     np.testing.assert_array_equal(runs["dpl"].edit, alone.edit)
+
+
+def test_every_row_builds_its_settings_and_the_drift_rows_change_only_the_radius(
+    world_model: LoadedModel,
+):
+    rows = {m.name: m for m in resolve_methods(["all"])}
+    configs = {name: runner.method_config(world_model, row) for name, row in rows.items()}
+    default = configs["dpl"]
+    for name, radius in (("dpl-drift025", 0.25), ("dpl-drift035", 0.35), ("dpl-drift075", 0.75)):
+        assert configs[name] == {**default, "max_drift": radius}
