@@ -85,7 +85,7 @@ def scene_estimate(model: LoadedModel, scene: BenchScene, steps: int) -> Backgro
     z0 = model.encode_image(image_to_tensor(image))
     cond = encode_text(model, [scene.source])
     ddim_inversion(
-        model, Ddim(model.scheduler, steps), z0, cond, [store, *plan.inversion_controllers], False
+        model, Ddim(model.scheduler, steps), z0, cond, [store, *plan.inversion_recorders], False
     )
     return plan.estimate(store.average(res)[0])
 

@@ -22,11 +22,7 @@ import torch
 from PIL import Image
 
 from dpl_edit.bench.report import write_json
-from dpl_edit.engine.attention import (
-    AttentionController,
-    AttnLayer,
-    attention_layers,
-)
+from dpl_edit.engine.attention import AttnLayer, Recorder, attention_layers
 from dpl_edit.engine.ddim import Ddim
 from dpl_edit.engine.model import LoadedModel, load_model, model_folder
 from dpl_edit.engine.null_text import ddim_inversion
@@ -47,28 +43,45 @@ class MassShares:
     end_padding: float
 
 
-class _TextMassStore(AttentionController):
-    """Per cross-attention layer, the running sum of [start, words, end+padding] shares."""
+class _TextMassStore(Recorder):
+    """Per cross-attention layer (`layers`, in call order), the running sum over steps of its
+    [start, words, end+padding] shares. A `Recorder`, so a DDIM inversion records it in one
+    pure call per step, as it records the engine's own stores."""
 
-    def __init__(self, n_prompt_tokens: int) -> None:
+    def __init__(self, n_prompt_tokens: int, layers: Sequence[str]) -> None:
         self.n = n_prompt_tokens
-        self.sums: dict[str, torch.Tensor] = {}
-        self.calls: dict[str, int] = {}
+        self.layers = list(layers)
+        self.step_groups: dict[str, torch.Tensor] = {}
+        self.sums: torch.Tensor | None = None
+        self.steps = 0
 
     def wants(self, layer: AttnLayer) -> bool:
         return layer.is_cross
 
     def __call__(self, probs: torch.Tensor, layer: AttnLayer) -> torch.Tensor:
         per_token = probs.detach().float().mean(dim=(0, 1, 2))  # batch, heads, pixels
-        groups = torch.stack(
+        self.step_groups[layer.name] = torch.stack(
             [per_token[0], per_token[1 : 1 + self.n].sum(), per_token[1 + self.n :].sum()]
         )
-        self.sums[layer.name] = self.sums.get(layer.name, 0) + groups
-        self.calls[layer.name] = self.calls.get(layer.name, 0) + 1
         return probs
 
+    def fresh(self) -> _TextMassStore:
+        return _TextMassStore(self.n, self.layers)
+
+    def key(self) -> str:
+        return f"mass:{self.n}"
+
+    def step_maps(self) -> tuple[torch.Tensor, ...]:
+        return (torch.stack([self.step_groups[name] for name in self.layers]),)
+
+    def add_step(self, maps: Sequence[torch.Tensor]) -> None:
+        self.sums = maps[0] if self.sums is None else self.sums + maps[0]
+        self.steps += 1
+
     def shares(self) -> dict[str, torch.Tensor]:
-        return {name: total / self.calls[name] for name, total in self.sums.items()}
+        if self.sums is None:
+            return {}
+        return {name: self.sums[i] / self.steps for i, name in enumerate(self.layers)}
 
 
 @torch.no_grad()
@@ -86,10 +99,11 @@ def measure_mass(
     if not images or len(images) != len(captions):
         raise DplError("attention mass needs images with one caption each")
     layers = attention_layers(model.unet)
+    cross = [name for name, layer in layers.items() if layer.is_cross]
     per_layer: dict[str, list[torch.Tensor]] = {}
     ddim = Ddim(model.scheduler, steps)
     for image, caption in zip(images, captions, strict=True):
-        store = _TextMassStore(len(prompt_tokens(model.tokenizer, caption)) - 2)
+        store = _TextMassStore(len(prompt_tokens(model.tokenizer, caption)) - 2, cross)
         pixels = image_to_tensor(prepare_image(image, model.resolution, resize=False))
         z0 = model.encode_image(pixels)
         ddim_inversion(model, ddim, z0, encode_text(model, [caption]), [store], progress=False)

@@ -47,9 +47,9 @@ from dpl_edit.dpl.losses import (
     usable_masks,
 )
 from dpl_edit.engine.attention import (
-    AttentionController,
     CrossAttentionStore,
     ForwardStopped,
+    Recorder,
     SelfAttentionStore,
     StopAfter,
     attention_layers,
@@ -380,7 +380,7 @@ class TokenStage:
 class DplPlan:
     """DPL's part of an inversion, decided before any UNet call so user errors fail fast.
 
-    `inversion_controllers` are added to the DDIM inversion pass (the self-attention store that
+    `inversion_recorders` are added to the DDIM inversion pass (the self-attention store that
     background estimation needs); `token_stage` then builds the stage from that pass's maps.
     """
 
@@ -437,7 +437,7 @@ class DplPlan:
         return cls(model, prompt, chosen, groups, config, background, user_mask, self_store, source)
 
     @property
-    def inversion_controllers(self) -> list[AttentionController]:
+    def inversion_recorders(self) -> list[Recorder]:
         return [] if self.self_store is None else [self.self_store]
 
     def token_stage(self, cross_maps: torch.Tensor, total_steps: int) -> TokenStage:
@@ -471,7 +471,7 @@ class DplPlan:
 
     def estimate(self, cross_maps: torch.Tensor) -> BackgroundEstimate:
         """The K-means estimate of the words' regions and the background, from the DDIM
-        inversion's self-attention (recorded by `inversion_controllers`) and `cross_maps`."""
+        inversion's self-attention (recorded by `inversion_recorders`) and `cross_maps`."""
         if self.self_store is None:
             raise DplError("no background estimate: the background loss is off or uses a file")
         settings = self.background

@@ -104,8 +104,8 @@ def invert(
 
     start = time.perf_counter()
     store = CrossAttentionStore([model.defaults.cross_attention_res])
-    controllers = [store, *(plan.inversion_controllers if plan else [])]
-    latents = ddim_inversion(model, ddim, z0, cond, controllers, progress)
+    recorders = [store, *(plan.inversion_recorders if plan else [])]
+    latents = ddim_inversion(model, ddim, z0, cond, recorders, progress)
     timings["ddim_inversion"] = time.perf_counter() - start
     evals["ddim_inversion"] = model.unet_evals - evals_before
 

@@ -19,12 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dpl_edit.engine.attention import (
-    AttentionController,
-    CrossAttentionStore,
-    Recorder,
-    controlled_attention,
-)
+from dpl_edit.engine.attention import CrossAttentionStore, Recorder
 from dpl_edit.engine.ddim import Ddim
 from dpl_edit.engine.model import LoadedModel
 from dpl_edit.engine.settings import NullTextSettings
@@ -47,29 +42,19 @@ def ddim_inversion(
     ddim: Ddim,
     latent: torch.Tensor,
     cond: torch.Tensor,
-    controllers: Sequence[AttentionController] = (),
+    recorders: Sequence[Recorder] = (),
     progress: bool = True,
 ) -> torch.Tensor:
     """Conditional-only DDIM inversion; returns all latents [steps + 1, C, h, w], clean first.
 
-    `controllers` see every inversion step (e.g. attention stores for background estimation).
+    `recorders` see every inversion step (e.g. attention stores for background estimation),
+    each step one pure call (`LoadedModel.predict_recorded`), which a CUDA graph can replay.
     """
     latents = [latent]
-    timesteps = tqdm(ddim.timesteps[::-1], desc="DDIM inversion", disable=not progress)
-    recorders = [controller for controller in controllers if isinstance(controller, Recorder)]
-    if len(recorders) == len(controllers):
-        # Recorders only: one pure call per step, which a CUDA graph can replay.
-        for t in timesteps:
-            output = model.predict_recorded(latent, t, cond, recorders)
-            latent = ddim.inverse_step(output, t, latent)
-            latents.append(latent)
-        return torch.cat(latents)
-    with controlled_attention(model.unet, controllers) as chain:
-        for i, t in enumerate(timesteps):
-            chain.begin_step(i)
-            latent = ddim.inverse_step(model.predict(latent, t, cond), t, latent)
-            chain.end_step()
-            latents.append(latent)
+    for t in tqdm(ddim.timesteps[::-1], desc="DDIM inversion", disable=not progress):
+        output = model.predict_recorded(latent, t, cond, recorders)
+        latent = ddim.inverse_step(output, t, latent)
+        latents.append(latent)
     return torch.cat(latents)
 
 
