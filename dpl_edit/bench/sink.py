@@ -44,7 +44,7 @@ class MassShares:
 
 
 class _TextMassStore(Recorder):
-    """Per cross-attention layer (`layers`, in call order), the running sum over steps of its
+    """Per cross-attention layer (`layers`, the UNet's), the running sum over steps of its
     [start, words, end+padding] shares. A `Recorder`, so a DDIM inversion records it in one
     pure call per step, as it records the engine's own stores."""
 
