@@ -278,7 +278,7 @@ def dpl_defaults_section(chosen: dict) -> str:
         f"`invert` uses these `DplLossConfig` settings with this model when none are given; every"
         f" other setting is the paper's: {settings}. They were chosen on the benchmark's"
         " validation split with the `world` model, and the `max_drift` radius was checked on"
-        " each bundled model's own validation scenes (0.25, 0.5 and 0.75: 0.25 edits most"
+        " each bundled model's own validation scenes (0.25, 0.35, 0.5 and 0.75: 0.25 edits most"
         " like plain null-text inversion and halves the leakage gain, 0.75 repairs the maps"
         " most and hits fewer edits); `docs/benchmarks.md` gives the sweeps, the reasons and"
         " the test-split results.\n"
