@@ -571,10 +571,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise DplError("--repeats must be at least 1")
         if args.pipeline_steps < 0:
             raise DplError("--pipeline-steps must be 0 (not run) or more")
-        if args.cuda_graphs != "off" and not args.pipeline_steps:
-            raise DplError("--cuda-graphs applies to the pipeline: give --pipeline-steps N")
-        if args.channels_last and not args.pipeline_steps:
-            raise DplError("--channels-last applies to the pipeline: give --pipeline-steps N")
+        pipeline_only = [
+            flag
+            for flag, on in (
+                ("--cuda-graphs", args.cuda_graphs != "off"),
+                ("--channels-last", args.channels_last),
+            )
+            if on
+        ]
+        if pipeline_only and not args.pipeline_steps:
+            raise DplError(f"{pipeline_only[0]} applies to the pipeline: give --pipeline-steps N")
         counts = None if args.inversion is None else PassCounts.from_inversion(args.inversion)
         device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
         # Before minutes of measuring.

@@ -220,8 +220,10 @@ class TokenStage:
         self.stop_layer = last_layer(model.unet, CrossAttentionStore(self.levels))
         if len(bg_masks) != len(self.levels):
             raise ValueError(f"{len(self.levels)} loss levels but {len(bg_masks)} masks")
-        self.bg_masks = [None if mask is None else mask.to(model.device) for mask in bg_masks]
-        self._masks = usable_masks(self.bg_masks)
+        # The masks on the device, or None when any level has none (no background loss).
+        self._masks = usable_masks(
+            [None if mask is None else mask.to(model.device) for mask in bg_masks]
+        )
         self.config = config
         self.total_steps = total_steps
         self.n_prompt_tokens = len(prompt_tokens(model.tokenizer, prompt)) - 2
