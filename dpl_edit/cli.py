@@ -551,8 +551,9 @@ def _run_bench(args: argparse.Namespace) -> Summary:
     from dpl_edit.bench.methods import BenchSettings, resolve_methods
     from dpl_edit.bench.runner import run_bench
     from dpl_edit.bench.scenes import load_jsonl
-    from dpl_edit.bench.world_set import export_world, world_split
+    from dpl_edit.bench.world_set import check_split, export_world, world_split
 
+    check_split(args.split, args.final, args.scenes is not None)
     if args.export_world:
         path = export_world(args.export_world, args.split, args.limit, args.categories)
         return _summary({"scenes": path}, {}, {})
@@ -561,14 +562,25 @@ def _run_bench(args: argparse.Namespace) -> Summary:
         scenes = load_jsonl(args.scenes)[: args.limit]
         scene_set = f"{args.scenes}, {len(scenes)} scenes"
     else:
-        scenes = world_split(args.split, args.limit, args.categories)
+        scenes = world_split(args.split, args.limit, args.categories, args.per_category)
         which = "" if not args.categories else f" ({', '.join(args.categories)})"
-        scene_set = f"built-in world {args.split} split{which}, first {len(scenes)} scenes"
+        each = "" if args.per_category is None else f", first {args.per_category} per category"
+        scene_set = f"built-in world {args.split} split{which}{each}, {len(scenes)} scenes"
     settings = BenchSettings(steps=args.steps, guidance=args.guidance, seed=args.seed)
     start = time.perf_counter()
     model = _load_model(args)
     with _executor(args, model) as executor:
-        run_bench(model, scenes, args.out, args.methods, settings, scene_set, executor=executor)
+        run_bench(
+            model,
+            scenes,
+            args.out,
+            args.methods,
+            settings,
+            scene_set,
+            executor=executor,
+            inversion_dir=args.inversions,
+            final=args.final,
+        )
     outputs = {name: Path(args.out) / name for name in ("report.md", "aggregate.json")}
     return _summary(outputs, {"bench": time.perf_counter() - start}, {})
 
@@ -673,7 +685,7 @@ def _batch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--example-jobs", metavar="DIR",
                         help="write the built-in world scenes of --split as a job file (a word "
                         "swap each) with their images into DIR and stop")  # fmt: skip
-    parser.add_argument("--split", choices=["val", "test"], default="val",
+    parser.add_argument("--split", choices=["val", "dev"], default="val",
                         help="scenes for --example-jobs (default: %(default)s)")  # fmt: skip
     parser.add_argument("--limit", type=int, default=20,
                         help="number of scenes for --example-jobs (default: %(default)s)")  # fmt: skip
@@ -688,10 +700,19 @@ def _batch_arguments(parser: argparse.ArgumentParser) -> None:
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     from dpl_edit.bench.methods import DEFAULT_METHODS, METHODS, BenchSettings
 
-    parser.add_argument("--split", choices=["val", "test"], default="test",
-                        help="built-in world split (val: choosing defaults; test: reporting)")  # fmt: skip
+    parser.add_argument("--split", choices=["val", "dev", "test"], default="val",
+                        help="built-in world split (val: every choice; dev: the former test split;"
+                        " test: sealed, only with --final)")  # fmt: skip
+    parser.add_argument("--final", action="store_true",
+                        help="a final run on the sealed test split, for a configuration that will"
+                        " be reported: records its configuration hash and commit")  # fmt: skip
     parser.add_argument("--scenes", help="external scene list (JSONL) instead of the world")
     parser.add_argument("--limit", type=int, help="only the first N scenes")
+    parser.add_argument("--per-category", type=int, metavar="N",
+                        help="only the first N scenes of each category")  # fmt: skip
+    parser.add_argument("--inversions", metavar="DIR",
+                        help="keep each scene's inversions in DIR and reuse them: rows that differ"
+                        " only in their edit settings never invert a scene twice")  # fmt: skip
     parser.add_argument("--categories", nargs="+", metavar="CATEGORY",
                         help="built-in scene categories to run (default: all; see README)")  # fmt: skip
     parser.add_argument(

@@ -53,7 +53,7 @@ def world_model(world_model_dir: Path) -> LoadedModel:
 def bench_out(world_model: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished two-scene run of DDIM and NTI (shared: the runs are the slow part)."""
     out = tmp_path_factory.mktemp("bench") / "results"
-    scenes = world_split("test", 2)
+    scenes = world_split("dev", 2)
     runner.run_bench(world_model, scenes, out, METHODS, SETTINGS, examples=2, progress=False)
     return out
 
@@ -70,9 +70,9 @@ def test_world_splits_are_deterministic_disjoint_and_mixed():
         np.testing.assert_array_equal(x.source_image(), y.source_image())
         np.testing.assert_array_equal(x.ideal_image(), y.ideal_image())
     total = SPLIT_SIZE + CATEGORY_SIZE * len(world.HARD_CATEGORIES)
-    assert len(world_split("test")) == len(world_split("val")) == total
+    assert len(world_split("dev")) == len(world_split("val")) == total
     assert SPLIT_SIZE >= 100
-    val, test = world_split("val", 30), world_split("test", 30)
+    val, test = world_split("val", 30), world_split("dev", 30)
     assert not {s.id for s in val} & {s.id for s in test}
     val_images = {s.source_image().tobytes() for s in val}
     assert not any(s.source_image().tobytes() in val_images for s in test)
@@ -124,7 +124,7 @@ def test_hard_categories_are_what_they_say(category: str):
 
 @pytest.mark.parametrize("index", range(8))
 def test_ideal_edit_changes_only_the_edit_region(index: int):
-    scene = world_split("test", index + 1)[index]
+    scene = world_split("dev", index + 1)[index]
     region, edited = scene.changed_region, scene.masks[scene.edited_object]
     assert (edited & ~region).sum() == 0 and region.sum() > 0
     # Outside the region the ideal is the source exactly, so preservation has a true zero.
@@ -171,7 +171,7 @@ def test_run_writes_scene_files_report_and_pictures(bench_out: Path):
     assert all(definition in report for definition in DEFINITIONS)  # as the model card states
     per_scene = json.loads((bench_out / "per_scene.json").read_text())
     assert [s["id"] for s in per_scene] == ["test-000", "test-001"]
-    scene = world_split("test", 1)[0]
+    scene = world_split("dev", 1)[0]
     for method in METHODS:
         result = per_scene[0]["methods"][method]
         assert set(result["localisation"]["iou_curves"]) == set(scene.masks)
@@ -196,11 +196,9 @@ def test_run_writes_scene_files_report_and_pictures(bench_out: Path):
 def test_exported_jsonl_gives_the_same_results_as_the_built_in_scene(
     world_model: LoadedModel, bench_out: Path, tmp_path: Path
 ):
-    path = export_world(tmp_path / "export", "test", limit=1)
+    path = export_world(tmp_path / "export", "dev", limit=1)
     scenes = load_jsonl(path)
-    np.testing.assert_array_equal(
-        scenes[0].changed_region, world_split("test", 1)[0].changed_region
-    )
+    np.testing.assert_array_equal(scenes[0].changed_region, world_split("dev", 1)[0].changed_region)
     out = tmp_path / "from-jsonl"
     runner.run_bench(world_model, scenes, out, ["ddim"], SETTINGS, progress=False)
     from_file = json.loads((out / "per_scene.json").read_text())[0]["methods"]["ddim"]
@@ -223,7 +221,7 @@ def test_rerun_resumes_finished_scenes_and_refuses_other_settings(
         return real_run_method(model, method, scene, settings, inversions)
 
     monkeypatch.setattr(runner, "run_method", counting)
-    scenes = world_split("test", 2)
+    scenes = world_split("dev", 2)
     runner.run_bench(world_model, scenes, out, METHODS, SETTINGS, progress=False)
     assert calls == [("test-001", "ddim"), ("test-001", "nti")]
     calls.clear()
@@ -259,7 +257,7 @@ def _scene_files(out: Path) -> dict[str, object]:
 def test_two_workers_give_the_sequential_results(
     world_model: LoadedModel, world_model_dir: Path, bench_out: Path, tmp_path: Path
 ):
-    out, scenes = tmp_path / "parallel", world_split("test", 2)
+    out, scenes = tmp_path / "parallel", world_split("dev", 2)
     # One thread per worker, as this process has (conftest): the same sums in the same order.
     with ProcessPool(ModelSpec(str(world_model_dir)), workers=2, threads=1) as pool:
         runner.run_bench(world_model, scenes, out, METHODS, SETTINGS, progress=False, executor=pool)

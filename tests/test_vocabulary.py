@@ -72,7 +72,7 @@ def test_edit_refuses_an_unknown_target_word_before_any_unet_call(strict_model, 
 
 
 def test_bench_refuses_a_scene_with_an_unknown_word_before_any_work(strict_model, tmp_path):
-    scene = world_split("test", 1)[0]  # world captions: colours and shapes the model lacks
+    scene = world_split("dev", 1)[0]  # world captions: colours and shapes the model lacks
     before = strict_model.unet_evals
     with pytest.raises(DplError) as error:
         run_bench(strict_model, [scene], tmp_path / "out", ["ddim"], progress=False)

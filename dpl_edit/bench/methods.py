@@ -297,6 +297,28 @@ _TABLE += tuple(
     )
     for name, radius in _DRIFTS
 )
+_EDIT_SWEEP = (
+    ("c04", "cross-attention injected for 40% of the steps", {"cross_replace_steps": 0.4}),
+    ("c06", "cross-attention injected for 60% of the steps", {"cross_replace_steps": 0.6}),
+    ("s02", "self-attention injected for 20% of the steps", {"self_replace_steps": 0.2}),
+    ("s00", "no self-attention injection", {"self_replace_steps": 0.0}),
+    ("b02", "local-blend threshold 0.2", {"blend_threshold": 0.2}),
+    ("b05", "local-blend threshold 0.5", {"blend_threshold": 0.5}),
+)
+"""One edit setting moved at a time from the shared P2P settings, for NTI and DPL alike, so
+that each method's own best edit settings are chosen on validation (the rows share each
+scene's inversion with their method's default row)."""
+_BY_NAME = {m.name: m for m in _TABLE}
+_TABLE += tuple(
+    replace(
+        _BY_NAME[base],
+        name=f"{base}-{suffix}",
+        description=f"{_BY_NAME[base].description}; {what}",
+        edit_switches={**(_BY_NAME[base].edit_switches or {}), **switches},
+    )
+    for base in ("nti", "dpl")
+    for suffix, what, switches in _EDIT_SWEEP
+)
 METHODS: dict[str, BenchMethod] = {m.name: m for m in _TABLE}
 DEFAULT_METHODS = ("ddim", "nti", "dpl")
 BASELINE = "nti"

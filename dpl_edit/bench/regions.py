@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model folder (default: the bundled one)")
-    parser.add_argument("--split", choices=("val", "test"), default="val")
+    parser.add_argument("--split", choices=("val", "dev"), default="val")
     parser.add_argument("--limit", type=int, default=30, help="first N scenes (default 30)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM inversion steps (default 50)")
     args = parser.parse_args(argv)

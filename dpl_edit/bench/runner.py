@@ -21,8 +21,10 @@ settings skips them (a file made with other settings is refused, never mixed in)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
+import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -169,18 +171,60 @@ def measure(
     }
 
 
+class InversionCache:
+    """Inversions kept between runs, one folder per scene and inversion recipe.
+
+    Rows that differ only in their edit settings share an inversion within a run
+    (`run_scene`); with a cache they also share it across runs, so an edit-settings sweep added
+    later costs only its edits. A folder is keyed by a hash of `BenchMethod.inversion_key` and
+    the shared settings; its wall time is kept beside it, so a reused inversion's cost counts
+    in every row exactly as if it had been run again.
+    """
+
+    def __init__(self, folder: Path, scene_id: str, settings: BenchSettings):
+        self.root = Path(folder) / safe_stem(scene_id)
+        self.settings = json.dumps(asdict(settings), sort_keys=True)
+
+    def _name(self, key: str) -> str:
+        return hashlib.sha256(f"{key}|{self.settings}".encode()).hexdigest()[:16]
+
+    def get(self, model: LoadedModel, key: str) -> tuple[Inversion, float] | None:
+        """The kept inversion and its wall time, or None when there is none yet."""
+        folder, timing = self.root / self._name(key), self.root / f"{self._name(key)}.json"
+        if not (folder.is_dir() and timing.is_file()):
+            return None
+        seconds = json.loads(timing.read_text(encoding="utf-8"))["seconds"]
+        return Inversion.load(folder, model), float(seconds)
+
+    def put(self, key: str, inversion: Inversion, seconds: float) -> None:
+        """Keep an inversion: the folder first, then its time, which marks it complete."""
+        inversion.save(self.root / self._name(key), overwrite=True)
+        write_json(self.root / f"{self._name(key)}.json", {"key": key, "seconds": seconds})
+
+
+def edit_arguments(method: BenchMethod, settings: BenchSettings) -> dict[str, Any]:
+    """The edit settings of a row: the shared ones, with the row's own on top."""
+    shared = {
+        "cross_replace_steps": settings.cross_replace_steps,
+        "self_replace_steps": settings.self_replace_steps,
+    }
+    return {**shared, **(method.edit_switches or {})}
+
+
 def run_method(
     model: LoadedModel,
     method: BenchMethod,
     scene: BenchScene,
     settings: BenchSettings,
     inversions: dict[str, tuple[Inversion, float]] | None = None,
+    cache: InversionCache | None = None,
 ) -> MethodRun:
     """Invert and edit a model-space scene with one method, then measure it.
 
     `inversions` (by `BenchMethod.inversion_key`) lets rows that differ only in their edit
     reuse one inversion (kept with its wall time); its time and UNet passes still count in each
-    row's cost, so a row's figures are the same whether or not it shared.
+    row's cost, so a row's figures are the same whether or not it shared. `cache` keeps
+    inversions on disk for later runs.
     """
     torch.manual_seed(settings.seed)
     tokens = model.tokenizer
@@ -190,6 +234,10 @@ def run_method(
     inversions = {} if inversions is None else inversions
     key = method.inversion_key(model)
     with peak_memory(model.device) as memory:
+        if key not in inversions and cache is not None:
+            kept = cache.get(model, key)
+            if kept is not None:
+                inversions[key] = kept
         if key not in inversions:
             start = time.perf_counter()
             inverted = invert(
@@ -203,6 +251,8 @@ def run_method(
                 **method.invert_kwargs(model, list(scene.masks)),
             )
             inversions[key] = (inverted, time.perf_counter() - start)
+            if cache is not None:
+                cache.put(key, *inversions[key])
         inversion, inversion_seconds = inversions[key]
         start = time.perf_counter()
         result = edit(
@@ -211,10 +261,8 @@ def run_method(
             scene.target,
             mode="replace" if same_length else "refine",
             blend=_blend_words(scene) if settings.blend else None,
-            cross_replace_steps=settings.cross_replace_steps,
-            self_replace_steps=settings.self_replace_steps,
             progress=False,
-            **(method.edit_switches or {}),
+            **edit_arguments(method, settings),
         )
     seconds = {**inversion.timings, **result.timings}
     seconds["total"] = inversion_seconds + time.perf_counter() - start
@@ -338,6 +386,44 @@ def _preamble(
     return lines + [f"- `{m.name}`: {m.description}" for m in methods]
 
 
+def _commit() -> str:
+    """The commit the package runs from (with "-dirty" for uncommitted changes), or "unknown"."""
+    here = Path(__file__).parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def provenance(
+    model: LoadedModel,
+    configs: dict[str, Any],
+    settings: BenchSettings,
+    scene_set: str,
+) -> dict[str, Any]:
+    """What a final run ran: a hash of every method's settings, the shared settings and the
+    model, with the commit, so a reported figure names exactly the configuration behind it."""
+    config = {"methods": configs, "settings": asdict(settings), "model": model.identity}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    return {
+        "config_hash": digest[:16],
+        "commit": _commit(),
+        "scenes": scene_set,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        **config,
+    }
+
+
 @dataclass(frozen=True)
 class SceneTask:
     """The methods a scene still needs (what one worker runs, on the scene as the model sees it)."""
@@ -345,6 +431,8 @@ class SceneTask:
     scene: BenchScene
     methods: tuple[BenchMethod, ...]
     settings: BenchSettings
+    inversion_dir: Path | None = None
+    """Where inversions are kept between runs (`InversionCache`); None keeps none."""
 
 
 def run_scene(model: LoadedModel, task: SceneTask) -> list[tuple[str, MethodRun]]:
@@ -354,8 +442,12 @@ def run_scene(model: LoadedModel, task: SceneTask) -> list[tuple[str, MethodRun]
     worker runs it and whatever ran before."""
     prepared = prepare_scene(task.scene, model.resolution)
     inversions: dict[str, tuple[Inversion, float]] = {}
+    cache = None
+    if task.inversion_dir is not None:
+        cache = InversionCache(task.inversion_dir, task.scene.id, task.settings)
     return [
-        (m.name, run_method(model, m, prepared, task.settings, inversions)) for m in task.methods
+        (m.name, run_method(model, m, prepared, task.settings, inversions, cache))
+        for m in task.methods
     ]
 
 
@@ -369,12 +461,16 @@ def run_bench(
     examples: int = 4,
     progress: bool = True,
     executor: Executor | None = None,
+    inversion_dir: str | Path | None = None,
+    final: bool = False,
 ) -> dict:
     """Benchmark `methods` on `scenes`, resuming from `out_dir`; return the aggregate.
 
-    `scene_set` describes the scenes in the report (e.g. "world test split, first 20").
+    `scene_set` describes the scenes in the report (e.g. "world val split, first 20").
     `executor` runs the scenes (default: this process, on `model`); results are written here as
     each scene finishes, so the files are the same however the scenes were spread.
+    `inversion_dir` keeps inversions for later runs (`InversionCache`). A `final` run (the
+    sealed split) writes `final.json`: the configuration's hash and the commit it ran from.
     """
     settings = settings or BenchSettings()
     executor = executor or Sequential(model)
@@ -403,7 +499,8 @@ def run_bench(
             or not same_config(stored.get(m.name), configs[m.name])
         )
         if todo:
-            tasks.append(SceneTask(scene, todo, settings))
+            kept = None if inversion_dir is None else Path(inversion_dir)
+            tasks.append(SceneTask(scene, todo, settings, kept))
     bar = tqdm(total=len(tasks), desc="bench", unit="scene", disable=not progress)
     for index, runs in executor.map(run_scene, tasks):
         record = store.load(tasks[index].scene.id)
@@ -412,6 +509,8 @@ def run_bench(
             store.save(record, name, run)
         bar.update()
     bar.close()
+    if final:
+        write_json(out_dir / "final.json", provenance(model, configs, settings, scene_set))
     per_scene = []
     for scene in scenes:
         methods_run = {n: store.load(scene.id)["methods"][n] for n in names}

@@ -303,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m dpl_edit.bench.speed", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
-    parser.add_argument("--split", default="val", choices=["val", "test"])
+    parser.add_argument("--split", default="val", choices=["val", "dev"])
     parser.add_argument("--scene", type=int, default=0, help="scene index in the split")
     parser.add_argument(
         "--threads", type=int, help="torch threads (default: the model's, else torch's choice)"

@@ -2,9 +2,17 @@
 
 The synthetic world renders every scene from a few numbers, so each scene comes with exact object
 masks and an exact *ideal edit* (the same scene re-rendered with one object's shape or colour
-swapped). The validation split is for choosing defaults, the test split for reporting; they use
-different world seeds (and neither is the training seed 0), so no scene is in both or was seen in
-training. Scenes alternate between two and three objects so both are equally represented.
+swapped). Three splits, each from its own world seed (none is the training seed 0, so no scene
+is in two splits or was seen in training):
+
+- `val`: for every choice (defaults, thresholds, presets, edit settings);
+- `dev`: the former test split (seed 7002). Its results steered earlier defaults, so it is no
+  longer a hold-out; it stays as a development split and its results are labelled as such;
+- `test`: sealed (seed 7003). `dpl bench --split test` runs only with `--final`, for a
+  configuration that will be reported, and every final run is listed in docs/results.md.
+
+Each split holds 100 original scenes, alternating two and three objects, then
+`CATEGORY_SIZE` scenes of each hard category.
 
 `export_world` writes a split in the external JSONL format, so the file path of the benchmark is
 exercised with real files and anyone can inspect or reuse the set.
@@ -25,8 +33,10 @@ from dpl_edit.io.atomic import atomic_write_bytes
 from dpl_edit.io.images import save_png
 from dpl_edit.world import synthetic as world
 
-SPLIT_SEEDS = {"val": 7001, "test": 7002}
+SPLIT_SEEDS = {"val": 7001, "dev": 7002, "test": 7003}
 """World seed of each split; the bundled model trains on seed 0, so these scenes are unseen."""
+SEALED_SPLIT = "test"
+"""The hold-out split: run only for a configuration that will be reported (`--final`)."""
 SPLIT_SIZE = 100
 _SWAP_STREAM = 1  # second random stream per scene, for the edit, independent of the layout
 
@@ -77,21 +87,30 @@ def world_scene(split: str, index: int, category: str | None = None) -> BenchSce
 
 
 def world_split(
-    split: str, limit: int | None = None, categories: Sequence[str] | None = None
+    split: str,
+    limit: int | None = None,
+    categories: Sequence[str] | None = None,
+    per_category: int | None = None,
 ) -> list[BenchScene]:
-    """The first `limit` scenes (all when None) of the 'val' or 'test' split, in a fixed order:
-    the 100 original scenes, then each hard category's. `categories` keeps only those (the
-    original scenes are "two-objects" and "three-objects")."""
+    """The first `limit` scenes (all when None) of a split, in a fixed order: the 100 original
+    scenes, then each hard category's. `categories` keeps only those (the original scenes are
+    "two-objects" and "three-objects"); `per_category` keeps the first N of each category, so a
+    small run still covers every kind of scene."""
     if split not in SPLIT_SEEDS:
         raise DplError(f"unknown split '{split}' (use {', '.join(SPLIT_SEEDS)})")
     unknown = [c for c in categories or () if c not in CATEGORIES]
     if unknown:
         raise DplError(f"unknown scene category '{unknown[0]}' (use {', '.join(CATEGORIES)})")
-    if limit is not None and limit < 1:
-        raise DplError(f"the scene limit must be at least 1, got {limit}")
+    for name, value in (("scene limit", limit), ("scenes per category", per_category)):
+        if value is not None and value < 1:
+            raise DplError(f"the {name} must be at least 1, got {value}")
     wanted = set(categories or CATEGORIES)
-    order = [(i, None) for i in range(SPLIT_SIZE) if CATEGORIES[i % 2] in wanted]
-    order += [(i, c) for c in world.HARD_CATEGORIES if c in wanted for i in range(CATEGORY_SIZE)]
+    original = [i for i in range(SPLIT_SIZE) if CATEGORIES[i % 2] in wanted]
+    if per_category is not None:
+        original = [i for i in original if i // 2 < per_category]
+    hard = min(CATEGORY_SIZE, per_category or CATEGORY_SIZE)
+    order = [(i, None) for i in original]
+    order += [(i, c) for c in world.HARD_CATEGORIES if c in wanted for i in range(hard)]
     return [world_scene(split, i, c) for i, c in order[:limit]]
 
 
@@ -105,7 +124,7 @@ def _save(folder: Path, relative: Path, pixels: np.ndarray) -> str:
 
 def export_world(
     folder: str | Path,
-    split: str = "test",
+    split: str = "val",
     limit: int | None = None,
     categories: Sequence[str] | None = None,
 ) -> Path:
@@ -158,3 +177,22 @@ def export_jobs(
     path = folder / "jobs.jsonl"
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
     return path
+
+
+def check_split(split: str, final: bool, external: bool = False) -> None:
+    """Refuse to open the sealed split without `final`, and `final` on anything else.
+
+    The sealed split is the only hold-out: a run on it is a result to report, never a step in
+    choosing a setting, so it must be asked for on purpose.
+    """
+    if external:
+        if final:
+            raise DplError("--final is for the built-in sealed split (--split test), not --scenes")
+        return
+    if split == SEALED_SPLIT and not final:
+        raise DplError(
+            f"the '{SEALED_SPLIT}' split is sealed: choose settings on --split val, and run it"
+            " only with --final for a configuration you will report"
+        )
+    if final and split != SEALED_SPLIT:
+        raise DplError(f"--final is only for the sealed split (--split {SEALED_SPLIT})")
