@@ -549,7 +549,7 @@ def _run_bench(args: argparse.Namespace) -> Summary:
     import time
 
     from dpl_edit.bench.methods import BenchSettings, resolve_methods
-    from dpl_edit.bench.runner import run_bench
+    from dpl_edit.bench.runner import rescore, run_bench
     from dpl_edit.bench.scenes import load_jsonl
     from dpl_edit.bench.world_set import check_split, export_world, world_split
 
@@ -557,6 +557,8 @@ def _run_bench(args: argparse.Namespace) -> Summary:
     if args.export_world:
         path = export_world(args.export_world, args.split, args.limit, args.categories)
         return _summary({"scenes": path}, {}, {})
+    if args.scenes and args.rescore:
+        raise DplError("--rescore works on the built-in world splits only")
     resolve_methods(args.methods)  # a bad method or scene list fails before the model loads
     if args.scenes:
         scenes = load_jsonl(args.scenes)[: args.limit]
@@ -566,8 +568,12 @@ def _run_bench(args: argparse.Namespace) -> Summary:
         which = "" if not args.categories else f" ({', '.join(args.categories)})"
         each = "" if args.per_category is None else f", first {args.per_category} per category"
         scene_set = f"built-in world {args.split} split{which}{each}, {len(scenes)} scenes"
-    settings = BenchSettings(steps=args.steps, guidance=args.guidance, seed=args.seed)
     start = time.perf_counter()
+    if args.rescore:
+        rescore(args.out, scenes)
+        outputs = {name: Path(args.out) / name for name in ("report.md", "aggregate.json")}
+        return _summary(outputs, {"rescore": time.perf_counter() - start}, {})
+    settings = BenchSettings(steps=args.steps, guidance=args.guidance, seed=args.seed)
     model = _load_model(args)
     with _executor(args, model) as executor:
         run_bench(
@@ -710,6 +716,9 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="only the first N scenes")
     parser.add_argument("--per-category", type=int, metavar="N",
                         help="only the first N scenes of each category")  # fmt: skip
+    parser.add_argument("--rescore", action="store_true",
+                        help="measure the edit outcome again from the edits in --out (same scene"
+                        " options as the run) and rebuild its report; no model work")  # fmt: skip
     parser.add_argument("--inversions", metavar="DIR",
                         help="keep each scene's inversions in DIR and reuse them: rows that differ"
                         " only in their edit settings never invert a scene twice")  # fmt: skip

@@ -23,6 +23,7 @@ from dpl_edit.bench import runner
 from dpl_edit.bench.methods import BenchSettings, resolve_methods
 from dpl_edit.bench.scenes import caption_words, load_jsonl
 from dpl_edit.bench.world_set import (
+    CATEGORIES,
     CATEGORY_SIZE,
     SPLIT_SEEDS,
     SPLIT_SIZE,
@@ -170,7 +171,7 @@ def test_run_writes_scene_files_report_and_pictures(bench_out: Path):
     report = (bench_out / "report.md").read_text()
     assert all(definition in report for definition in DEFINITIONS)  # as the model card states
     per_scene = json.loads((bench_out / "per_scene.json").read_text())
-    assert [s["id"] for s in per_scene] == ["test-000", "test-001"]
+    assert [s["id"] for s in per_scene] == ["dev-000", "dev-001"]
     scene = world_split("dev", 1)[0]
     for method in METHODS:
         result = per_scene[0]["methods"][method]
@@ -182,8 +183,12 @@ def test_run_writes_scene_files_report_and_pictures(bench_out: Path):
             )
         assert set(result["preservation"]) == {"background", "other_objects"}
         assert result["edit_fidelity"]["checker_hit"] in (True, False)
+        assert sum(result["outcome"]["failure"].values()) == (
+            not result["outcome"]["selective_success"]
+        )
+        assert (bench_out / "scenes" / "dev-000" / f"{method}_reconstruction.png").is_file()
         assert result["cost"]["peak_memory_mb"] > 0
-        assert (bench_out / "scenes" / "test-000" / f"{method}.png").is_file()
+        assert (bench_out / "scenes" / "dev-000" / f"{method}.png").is_file()
     ddim, nti = (per_scene[0]["methods"][m]["cost"] for m in METHODS)
     assert ddim["unet_evals"] == 2 * SETTINGS.steps  # inversion + edit, one call per step
     assert nti["unet_evals"] > ddim["unet_evals"] and "null_text" in nti["seconds"]
@@ -212,18 +217,18 @@ def test_rerun_resumes_finished_scenes_and_refuses_other_settings(
 ):
     out = tmp_path / "results"
     shutil.copytree(bench_out, out)
-    (out / "scenes" / "test-001.json").unlink()  # as if interrupted during the second scene
+    (out / "scenes" / "dev-001.json").unlink()  # as if interrupted during the second scene
     calls: list[tuple[str, str]] = []
     real_run_method = runner.run_method
 
-    def counting(model, method, scene, settings, inversions):
+    def counting(model, method, scene, *args):
         calls.append((scene.id, method.name))
-        return real_run_method(model, method, scene, settings, inversions)
+        return real_run_method(model, method, scene, *args)
 
     monkeypatch.setattr(runner, "run_method", counting)
     scenes = world_split("dev", 2)
     runner.run_bench(world_model, scenes, out, METHODS, SETTINGS, progress=False)
-    assert calls == [("test-001", "ddim"), ("test-001", "nti")]
+    assert calls == [("dev-001", "ddim"), ("dev-001", "nti")]
     calls.clear()
     runner.run_bench(world_model, scenes, out, ["nti"], SETTINGS, progress=False)
     assert calls == []
@@ -263,7 +268,7 @@ def test_two_workers_give_the_sequential_results(
         runner.run_bench(world_model, scenes, out, METHODS, SETTINGS, progress=False, executor=pool)
     assert _scene_files(out) == _scene_files(bench_out)
     per_scene = json.loads((out / "per_scene.json").read_text())
-    assert [s["id"] for s in per_scene] == ["test-000", "test-001"]
+    assert [s["id"] for s in per_scene] == ["dev-000", "dev-001"]
 
 
 def test_bad_parallel_options_are_one_line_errors(world_model_dir: Path, capsys):
@@ -335,3 +340,81 @@ def test_every_row_builds_its_settings_and_the_drift_rows_change_only_the_radius
     default = configs["dpl"]
     for name, radius in (("dpl-drift025", 0.25), ("dpl-drift035", 0.35), ("dpl-drift075", 0.75)):
         assert configs[name] == {**default, "max_drift": radius}
+
+
+def test_per_category_takes_the_first_scenes_of_every_category():
+    scenes = world_split("val", per_category=3)
+    counts = {c: sum(s.category == c for s in scenes) for c in CATEGORIES}
+    assert counts == dict.fromkeys(CATEGORIES, 3)
+    assert [s.id for s in scenes[:6]] == [f"val-{i:03d}" for i in range(6)]
+    with pytest.raises(DplError, match="scenes per category must be at least 1"):
+        world_split("val", per_category=0)
+
+
+def test_the_sealed_split_runs_only_with_final(capsys: pytest.CaptureFixture):
+    assert cli.main(["bench", "--split", "test", "--model", "/nonexistent"]) == 2
+    assert "sealed" in capsys.readouterr().err
+    assert cli.main(["bench", "--split", "val", "--final", "--model", "/nonexistent"]) == 2
+    assert "--final is only for the sealed split" in capsys.readouterr().err
+    assert cli.main(["bench", "--split", "test", "--export-world", "/tmp/x"]) == 2
+    capsys.readouterr()
+
+
+def test_a_final_run_records_its_configuration_hash_and_commit(
+    world_model: LoadedModel, tmp_path: Path
+):
+    scenes = world_split("val", 1)
+    out = tmp_path / "final"
+    runner.run_bench(world_model, scenes, out, ["ddim"], SETTINGS, progress=False, final=True)
+    record = json.loads((out / "final.json").read_text())
+    assert len(record["config_hash"]) == 16 and record["commit"]
+    again = runner.provenance(world_model, {"ddim": None}, SETTINGS, "x")
+    assert again["config_hash"] == record["config_hash"]  # the scene text is not configuration
+    other = runner.provenance(world_model, {"ddim": None}, BenchSettings(steps=3), "x")
+    assert other["config_hash"] != record["config_hash"]
+
+
+def test_kept_inversions_are_reused_and_give_the_same_edits(
+    world_model: LoadedModel, tmp_path: Path
+):
+    scenes, kept = world_split("val", 2), tmp_path / "inversions"
+    first, second = tmp_path / "first", tmp_path / "second"
+    runner.run_bench(
+        world_model, scenes, first, ["nti"], SETTINGS, progress=False, inversion_dir=kept
+    )
+    assert len(list(kept.glob("*/*.json"))) == 2
+    before = world_model.unet_evals
+    runner.run_bench(
+        world_model,
+        scenes,
+        second,
+        ["nti", "nti-s00"],
+        SETTINGS,
+        progress=False,
+        inversion_dir=kept,
+    )
+    assert world_model.unet_evals - before == 2 * 2 * SETTINGS.steps  # edits only, no inversion
+    for scene in scenes:
+        a = (first / "scenes" / scene.id / "nti.png").read_bytes()
+        assert a == (second / "scenes" / scene.id / "nti.png").read_bytes()
+    per_scene = json.loads((second / "per_scene.json").read_text())
+    costs = [s["methods"][m]["cost"]["unet_evals"] for s in per_scene for m in ("nti", "nti-s00")]
+    assert costs[0] == costs[1] and costs[2] == costs[3]
+
+
+def test_edit_sweep_rows_change_one_edit_setting_and_share_the_inversion(
+    world_model: LoadedModel,
+):
+    rows = {m.name: m for m in resolve_methods(["all"])}
+    for base in ("nti", "dpl"):
+        for name, row in rows.items():
+            if not name.startswith(f"{base}-") or row.edit_switches is None:
+                continue
+            if row.inversion_key(world_model) != rows[base].inversion_key(world_model):
+                continue
+            arguments = runner.edit_arguments(row, SETTINGS)
+            shared = runner.edit_arguments(rows[base], SETTINGS)
+            changed = {k for k in arguments if arguments[k] != shared.get(k)}
+            assert len(changed) == 1, name
+    assert runner.edit_arguments(rows["nti-c04"], SETTINGS)["cross_replace_steps"] == 0.4
+    assert runner.edit_arguments(rows["nti"], SETTINGS)["self_replace_steps"] == 0.5

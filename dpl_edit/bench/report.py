@@ -62,6 +62,7 @@ from dpl_edit.metrics import (
 )
 
 GROUP_TITLES = {
+    "outcome": "Edit outcome (the primary result; no method optimises it)",
     "localisation": "Localisation: IoU of attention maps with object masks (higher is better)",
     "leakage": "Leakage: share of attention mass outside the object (lower is better)",
     "reconstruction": "Reconstruction of the source image",
@@ -343,7 +344,13 @@ def markdown_report(
         " per-noun values are averaged within each scene first; (n=k) marks metrics defined on"
         " fewer scenes.",
     ]
-    for group in dict.fromkeys(map(_group, names)):
+    groups = list(dict.fromkeys(map(_group, names)))
+    groups.sort(
+        key=lambda g: list(GROUP_TITLES).index(g) if g in GROUP_TITLES else len(GROUP_TITLES)
+    )
+    for group in groups:
+        if group == "outcome":
+            lines += outcome_tables(agg)
         in_group = [n for n in names if _group(n) == group]
         lines += ["", f"## {GROUP_TITLES.get(group, group)}", ""]
         lines += _table(agg, "metrics", methods, in_group, _in_group)
@@ -360,6 +367,11 @@ def markdown_report(
 
 
 CATEGORY_METRICS = (
+    "outcome.selective_success",
+    "outcome.target_made",
+    "outcome.others_kept",
+    "outcome.background_kept",
+    "outcome.others_psnr",
     "leakage.outside",
     "leakage.background",
     "leakage.other_objects",
@@ -370,6 +382,82 @@ CATEGORY_METRICS = (
     "edit_fidelity.checker_hit",
 )
 """The metrics a per-category section shows (the full tables cover every metric overall)."""
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided sign test of paired yes/no outcomes: the p-value of `wins` against
+    `losses` among the discordant pairs (1.0 when there are none)."""
+    from scipy.stats import binomtest
+
+    n = wins + losses
+    return 1.0 if n == 0 else float(binomtest(wins, n, 0.5).pvalue)
+
+
+def outcome_counts(per_scene: Sequence[Mapping], baseline: str | None) -> dict[str, dict]:
+    """Per method: selective successes, failures by class and, against `baseline`, the
+    discordant pairs (scenes only the method edits selectively, only the baseline does) with
+    the exact sign test's p-value."""
+    methods = list(dict.fromkeys(m for s in per_scene for m in s["methods"]))
+    out: dict[str, dict] = {}
+    for m in methods:
+        outcomes = [(s["methods"].get(m) or {}).get("outcome") for s in per_scene]
+        judged = [o for o in outcomes if o]
+        failures: dict[str, int] = {}
+        for o in judged:
+            for name, hit in o["failure"].items():
+                failures[name] = failures.get(name, 0) + bool(hit)
+        entry = {
+            "n": len(judged),
+            "successes": sum(bool(o["selective_success"]) for o in judged),
+            "failures": failures,
+        }
+        if baseline is not None and m != baseline:
+            wins = losses = 0
+            for s in per_scene:
+                a = (s["methods"].get(m) or {}).get("outcome")
+                b = (s["methods"].get(baseline) or {}).get("outcome")
+                if a and b and a["selective_success"] != b["selective_success"]:
+                    wins += bool(a["selective_success"])
+                    losses += bool(b["selective_success"])
+            entry.update(only_method=wins, only_baseline=losses, sign_p=sign_test(wins, losses))
+        out[m] = entry
+    return out
+
+
+def outcome_tables(agg: Mapping) -> list[str]:
+    """Markdown: selective success per method (with the paired difference, the discordant
+    pairs and the sign test against the baseline) and the failure classes."""
+    counts = agg.get("outcome_counts")
+    if not counts or not any(c["n"] for c in counts.values()):
+        return []
+    baseline = agg["baseline"]
+    lines = ["", "## Selective success: target made, other objects kept, background kept", ""]
+    head = "| method | successes | rate [95% CI] |"
+    rule = "|---|---|---|"
+    if baseline is not None:
+        head += f" − {baseline} [95% CI] | only this / only {baseline} | sign test p |"
+        rule += "---|---|---|"
+    lines += [head, rule]
+    for m, c in counts.items():
+        stats = agg["methods"][m]["metrics"].get("outcome.selective_success")
+        row = f"| {m} | {c['successes']}/{c['n']} | {_cell(stats, agg['n_scenes'])} |"
+        if baseline is not None:
+            if m == baseline:
+                row += " – | – | – |"
+            else:
+                diff = agg["methods"][m]["difference"].get("outcome.selective_success")
+                row += (
+                    f" {_cell(diff, agg['n_scenes'])} | {c['only_method']} / {c['only_baseline']}"
+                )
+                row += f" | {c['sign_p']:.3f} |"
+        lines.append(row)
+    classes = list(dict.fromkeys(k for c in counts.values() for k in c["failures"]))
+    lines += ["", "Failures by class (scenes; each failed scene has exactly one class):", ""]
+    lines += ["| class | " + " | ".join(counts) + " |", "|---" * (len(counts) + 1) + "|"]
+    for name in classes:
+        cells = [str(c["failures"].get(name, 0)) for c in counts.values()]
+        lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def category_aggregates(
@@ -383,7 +471,9 @@ def category_aggregates(
     for category in categories:
         scenes = [s for s in per_scene if s.get("category", "") == category]
         ran = {m for s in scenes for m in s["methods"]}
-        out[category] = aggregate(scenes, thresholds, baseline if baseline in ran else None)
+        chosen = baseline if baseline in ran else None
+        out[category] = aggregate(scenes, thresholds, chosen)
+        out[category]["outcome_counts"] = outcome_counts(scenes, chosen)
     return out
 
 
@@ -392,7 +482,9 @@ def category_report(by_category: Mapping[str, Mapping]) -> str:
     lines = ["", "## Per scene category", ""]
     for category, agg in by_category.items():
         methods = list(agg["methods"])
-        lines += ["", f"### {category or 'uncategorised'} ({agg['n_scenes']} scenes)", ""]
+        lines += ["", f"### {category or 'uncategorised'} ({agg['n_scenes']} scenes)"]
+        lines += outcome_tables(agg)
+        lines += [""]
         lines += _table(agg, "metrics", methods, CATEGORY_METRICS, str)
         others = [m for m in methods if m != agg["baseline"]]
         if agg["baseline"] is not None and others:
@@ -413,6 +505,7 @@ def write_report(
     """Write per_scene.json, aggregate.json, report.md and the pictures; return the aggregate."""
     out_dir = Path(out_dir)
     agg = aggregate(per_scene, thresholds, baseline=baseline)
+    agg["outcome_counts"] = outcome_counts(per_scene, baseline)
     by_category = category_aggregates(per_scene, thresholds, baseline)
     if by_category:
         agg["categories"] = by_category

@@ -7,7 +7,9 @@ source under the source caption, edits towards the target with P2P (same setting
 methods) and measures, from the inversion's time-averaged cross-attention and the edit's two
 branches (the source branch is the reconstruction):
 
-- localisation and leakage of each object noun's map against the object masks,
+- the edit outcome (`outcome`: target made, other objects kept, background kept, selective
+  success and the failure class), the primary result, which no method optimises,
+- localisation and leakage of each object noun's map against the object masks (diagnostics),
 - reconstruction PSNR, preservation outside the edit region (background and other objects),
 - edit fidelity inside the edit region against the ideal edit, and the checker's verdict on the
   intended object when the captions are world captions,
@@ -42,9 +44,16 @@ from dpl_edit.bench.cost import peak_memory
 from dpl_edit.bench.methods import (
     BASELINE,
     DEFAULT_METHODS,
+    METHODS,
     BenchMethod,
     BenchSettings,
     resolve_methods,
+)
+from dpl_edit.bench.outcome import (
+    THRESHOLDS,
+    OutcomeThresholds,
+    measure_outcome,
+    outcome_definition,
 )
 from dpl_edit.bench.report import ExampleRow, write_json, write_report
 from dpl_edit.bench.scenes import BenchScene, caption_words
@@ -72,6 +81,7 @@ class MethodRun:
     result: dict[str, Any]
     edit: np.ndarray
     maps: dict[str, torch.Tensor]
+    reconstruction: np.ndarray
 
 
 def _fit_mask(mask: np.ndarray, size: int) -> np.ndarray:
@@ -160,6 +170,7 @@ def measure(
         }
     others = scene.other_objects_mask(scene.edited_object)
     return {
+        "outcome": measure_outcome(scene, edited),
         "localisation": {"iou_curves": curves},
         "leakage": shares,
         "reconstruction": {"psnr": psnr(reconstruction, source)},
@@ -274,7 +285,7 @@ def run_method(
         "unet_evals": sum(inversion.unet_evals.values()) + sum(result.unet_evals.values()),
         "peak_memory_mb": memory["peak_memory_mb"],
     }
-    return MethodRun(metrics, edited, maps)
+    return MethodRun(metrics, edited, maps, reconstruction)
 
 
 def method_config(model: LoadedModel, method: BenchMethod) -> dict[str, Any] | None:
@@ -340,6 +351,8 @@ class SceneStore:
         """Add one method's results; artifacts first, so the JSON never names missing files."""
         scene_id = record["id"]
         save_png(Image.fromarray(run.edit), self._artifact(scene_id, method, ".png"))
+        reconstruction = Image.fromarray(run.reconstruction)
+        save_png(reconstruction, self._artifact(scene_id, method, "_reconstruction.png"))
         maps = {noun: m.contiguous() for noun, m in run.maps.items()}
         atomic_write_bytes(
             self._artifact(scene_id, method, ".safetensors"), safetensors.torch.save(maps)
@@ -347,9 +360,10 @@ class SceneStore:
         record["methods"][method] = run.result
         write_json(self._json(scene_id), record)
 
-    def edit_image(self, scene_id: str, method: str) -> np.ndarray:
-        """A finished method's edit, read back for the example grid (also after resuming)."""
-        with Image.open(self._artifact(scene_id, method, ".png")) as image:
+    def edit_image(self, scene_id: str, method: str, suffix: str = ".png") -> np.ndarray:
+        """A finished method's edit (or, with suffix "_reconstruction.png", its
+        reconstruction), read back for the example grid and rescoring."""
+        with Image.open(self._artifact(scene_id, method, suffix)) as image:
             return np.asarray(image.convert("RGB"))
 
     def maps(self, scene_id: str, method: str) -> dict[str, torch.Tensor]:
@@ -378,9 +392,12 @@ def _preamble(
         f" {model.device.type} ({platform.machine()}, {torch.get_num_threads()} torch threads).",
         f"Settings: {json.dumps(asdict(settings))}.",
         "",
+        outcome_definition(THRESHOLDS),
+        "",
         f"Metrics (`dpl_edit.metrics`): {'; '.join(DEFINITIONS)}.",
         "",
-        "Methods (all edited with Prompt-to-Prompt, same settings and seed):",
+        "Methods (all edited with Prompt-to-Prompt, same seed; each row's edit settings are the"
+        " shared ones unless its description says otherwise):",
         "",
     ]
     return lines + [f"- `{m.name}`: {m.description}" for m in methods]
@@ -511,18 +528,75 @@ def run_bench(
     bar.close()
     if final:
         write_json(out_dir / "final.json", provenance(model, configs, settings, scene_set))
+    return report_from_store(
+        store,
+        scenes,
+        names,
+        _preamble(model, chosen, settings, scene_set),
+        model.resolution,
+        examples,
+    )
+
+
+def report_from_store(
+    store: SceneStore,
+    scenes: Sequence[BenchScene],
+    names: Sequence[str],
+    preamble: Sequence[str],
+    resolution: int,
+    examples: int = 4,
+) -> dict:
+    """Rebuild the report of an output folder from its per-scene files; return the aggregate."""
     per_scene = []
     for scene in scenes:
         methods_run = {n: store.load(scene.id)["methods"][n] for n in names}
         per_scene.append({"id": scene.id, "category": scene.category, "methods": methods_run})
     return write_report(
-        out_dir,
+        store.root.parent,
         per_scene,
         baseline=BASELINE if BASELINE in names and len(names) > 1 else None,
-        title="Leakage benchmark",
-        preamble=_preamble(model, chosen, settings, scene_set),
+        title="Edit benchmark",
+        preamble=preamble,
         examples=[
-            _example_row(store, prepare_scene(s, model.resolution), names)
-            for s in scenes[:examples]
+            _example_row(store, prepare_scene(s, resolution), names) for s in scenes[:examples]
         ],
     )
+
+
+def rescore(
+    out_dir: str | Path,
+    scenes: Sequence[BenchScene],
+    thresholds: OutcomeThresholds = THRESHOLDS,
+    examples: int = 4,
+) -> dict:
+    """Measure the edit outcome again from a finished run's edit pictures (e.g. with other
+    thresholds, or for a run made before the outcome existed) and rebuild its report."""
+    out_dir = Path(out_dir)
+    first = json.loads((out_dir / "scenes" / f"{safe_stem(scenes[0].id)}.json").read_text())
+    store = SceneStore(out_dir, first["settings"])
+    names = list(first["methods"])
+    resolution = 0
+    for scene in tqdm(scenes, desc="rescore", unit="scene"):
+        record = store.load(scene.id)
+        missing = [n for n in names if n not in record["methods"]]
+        if missing:
+            raise DplError(f"scene '{scene.id}' has no results for {', '.join(missing)}")
+        for name in names:
+            edited = store.edit_image(scene.id, name)
+            resolution = edited.shape[0]
+            prepared = prepare_scene(scene, resolution)
+            record["methods"][name]["outcome"] = measure_outcome(prepared, edited, thresholds)
+        write_json(store._json(scene.id), record)
+    preamble = [
+        f"Scenes: {len(scenes)}. Settings: {json.dumps(first['settings'])}.",
+        "",
+        outcome_definition(thresholds),
+        "",
+        f"Metrics (`dpl_edit.metrics`): {'; '.join(DEFINITIONS)}.",
+        "",
+        "Methods (all edited with Prompt-to-Prompt, same seed; each row's edit settings are the"
+        " shared ones unless its description says otherwise):",
+        "",
+        *[f"- `{n}`: {METHODS[n].description}" if n in METHODS else f"- `{n}`" for n in names],
+    ]
+    return report_from_store(store, scenes, names, preamble, resolution, examples)

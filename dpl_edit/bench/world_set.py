@@ -47,15 +47,11 @@ CATEGORIES = ("two-objects", "three-objects", *world.HARD_CATEGORIES)
 """Every category of the built-in set: the original scenes alternate two and three objects."""
 
 
-def world_scene(split: str, index: int, category: str | None = None) -> BenchScene:
-    """Scene `index` of a split (or of one of its hard categories): its render, masks, word
-    swap, ideal edit and edit region.
-
-    The original scenes (`category` None) keep their ids and pictures; a hard category's scenes
-    are drawn from their own random streams, ids `<split>-<category>-<index>`. The edit region
-    is the union of the edited object's old and new masks plus every pixel the ideal edit
-    changes, so outside it the ideal edit equals the source exactly.
-    """
+def _world_pieces(
+    split: str, index: int, category: str | None
+) -> tuple[str, str, world.Scene, str, world.Scene, str]:
+    """Scene `index` of a split as the world describes it: id, category, the scene, the edited
+    shape word, the ideal edited scene and the target caption."""
     seed = SPLIT_SEEDS[split]
     if category is None:
         stream = [seed, index]
@@ -68,6 +64,19 @@ def world_scene(split: str, index: int, category: str | None = None) -> BenchSce
     edited_shape, ideal, target = world.swap_target(
         scene, np.random.default_rng([*stream, _SWAP_STREAM])
     )
+    return scene_id, category, scene, edited_shape, ideal, target
+
+
+def world_scene(split: str, index: int, category: str | None = None) -> BenchScene:
+    """Scene `index` of a split (or of one of its hard categories): its render, masks, word
+    swap, ideal edit and edit region.
+
+    The original scenes (`category` None) keep their ids and pictures; a hard category's scenes
+    are drawn from their own random streams, ids `<split>-<category>-<index>`. The edit region
+    is the union of the edited object's old and new masks plus every pixel the ideal edit
+    changes, so outside it the ideal edit equals the source exactly.
+    """
+    scene_id, category, scene, edited_shape, ideal, target = _world_pieces(split, index, category)
     render, ideal_render = scene.render(), ideal.render()
     new_shape = next(o.shape for o in ideal.objects if o not in scene.objects)
     # Masks keep pixels more than half covered; the antialiased fringe beyond them (a star's
@@ -86,16 +95,30 @@ def world_scene(split: str, index: int, category: str | None = None) -> BenchSce
     )
 
 
-def world_split(
+def wrong_object_render(split: str, index: int, category: str | None = None) -> np.ndarray | None:
+    """Scene `index` with its edit's change made to another object instead: the picture an
+    edit that changed the wrong object would give, to check that the outcome says so. None
+    when the change would give the other object a shape it already has."""
+    _, _, scene, edited_shape, ideal, _ = _world_pieces(split, index, category)
+    before = next(o for o in scene.objects if o.shape == edited_shape)
+    after = next(o for o in ideal.objects if o not in scene.objects)
+    for other in scene.objects:
+        if other is before:
+            continue
+        if after.shape != before.shape and after.shape != other.shape:
+            return scene.edited(other.shape, new_shape=after.shape).render().image
+        if after.color != before.color and after.color != other.color:
+            return scene.edited(other.shape, new_color=after.color).render().image
+    return None
+
+
+def split_order(
     split: str,
     limit: int | None = None,
     categories: Sequence[str] | None = None,
     per_category: int | None = None,
-) -> list[BenchScene]:
-    """The first `limit` scenes (all when None) of a split, in a fixed order: the 100 original
-    scenes, then each hard category's. `categories` keeps only those (the original scenes are
-    "two-objects" and "three-objects"); `per_category` keeps the first N of each category, so a
-    small run still covers every kind of scene."""
+) -> list[tuple[int, str | None]]:
+    """The (index, hard category or None) of each scene `world_split` returns, in its order."""
     if split not in SPLIT_SEEDS:
         raise DplError(f"unknown split '{split}' (use {', '.join(SPLIT_SEEDS)})")
     unknown = [c for c in categories or () if c not in CATEGORIES]
@@ -111,7 +134,21 @@ def world_split(
     hard = min(CATEGORY_SIZE, per_category or CATEGORY_SIZE)
     order = [(i, None) for i in original]
     order += [(i, c) for c in world.HARD_CATEGORIES if c in wanted for i in range(hard)]
-    return [world_scene(split, i, c) for i, c in order[:limit]]
+    return order[:limit]
+
+
+def world_split(
+    split: str,
+    limit: int | None = None,
+    categories: Sequence[str] | None = None,
+    per_category: int | None = None,
+) -> list[BenchScene]:
+    """The first `limit` scenes (all when None) of a split, in a fixed order: the 100 original
+    scenes, then each hard category's. `categories` keeps only those (the original scenes are
+    "two-objects" and "three-objects"); `per_category` keeps the first N of each category, so a
+    small run still covers every kind of scene."""
+    order = split_order(split, limit, categories, per_category)
+    return [world_scene(split, i, c) for i, c in order]
 
 
 def _save(folder: Path, relative: Path, pixels: np.ndarray) -> str:

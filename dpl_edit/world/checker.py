@@ -21,7 +21,7 @@ from dpl_edit.world import synthetic as world
 _CAPTION_OBJECT = re.compile(
     r"\b(" + "|".join(world.COLORS) + r") (" + "|".join(world.SHAPES) + r")\b"
 )
-_COLOUR_TOLERANCE = 60.0
+COLOUR_TOLERANCE = 60.0
 _MIN_PIXELS = 12
 
 
@@ -45,7 +45,7 @@ def caption_objects(caption: str) -> list[tuple[str, str]]:
 def check_object(image: np.ndarray, color: str, shape: str) -> ObjectCheck:
     """Look for a `color` `shape` in a uint8 HxWx3 image."""
     rgb = np.asarray(world.COLORS[color], dtype=np.float32)
-    close = np.linalg.norm(image.astype(np.float32) - rgb, axis=-1) < _COLOUR_TOLERANCE
+    close = np.linalg.norm(image.astype(np.float32) - rgb, axis=-1) < COLOUR_TOLERANCE
     labels, n = ndimage.label(close)
     if n == 0:
         return ObjectCheck(color, shape, None, 0)
@@ -57,20 +57,35 @@ def check_object(image: np.ndarray, color: str, shape: str) -> ObjectCheck:
     return ObjectCheck(color, shape, classify_shape(blob), pixels)
 
 
-def classify_shape(blob: np.ndarray) -> str:
-    """Name the shape of a boolean blob by template IoU at its centroid and area."""
+def shape_templates(blob: np.ndarray) -> dict[str, np.ndarray]:
+    """Every world shape drawn at a blob's centroid with the blob's area, at the blob's size.
+
+    A blob at another resolution than the world's is placed by scaling its centroid and area,
+    and the templates are drawn at the world's size and resized back (nearest)."""
+    scale = world.SIZE / blob.shape[0]
     cy, cx = ndimage.center_of_mass(blob)
-    area = float(blob.sum())
-    best, best_iou = world.SHAPES[0], -1.0
+    area = float(blob.sum()) * scale**2
+    templates = {}
     for shape in world.SHAPES:
         unit = world.SceneObject(shape, "red", world.SIZE / 2, world.SIZE / 2, 10.0)
-        unit_area = float(world._coverage(unit).sum())
-        half = 10.0 * np.sqrt(area / unit_area)
-        template = world._coverage(world.SceneObject(shape, "red", cx, cy, half)) > 0.5
-        iou = float((template & blob).sum() / max((template | blob).sum(), 1))
-        if iou > best_iou:
-            best, best_iou = shape, iou
-    return best
+        half = 10.0 * np.sqrt(area / float(world._coverage(unit).sum()))
+        drawn = world.SceneObject(shape, "red", (cx + 0.5) * scale - 0.5, (cy + 0.5) * scale - 0.5, half)
+        template = world._coverage(drawn) > 0.5
+        if template.shape != blob.shape:
+            rows = (np.arange(blob.shape[0]) * scale).astype(int)
+            cols = (np.arange(blob.shape[1]) * scale).astype(int)
+            template = template[np.ix_(rows, cols)]
+        templates[shape] = template
+    return templates
+
+
+def classify_shape(blob: np.ndarray) -> str:
+    """Name the shape of a boolean blob by template IoU at its centroid and area."""
+    ious = {
+        shape: float((t & blob).sum() / max((t | blob).sum(), 1))
+        for shape, t in shape_templates(blob).items()
+    }
+    return max(ious, key=ious.get)
 
 
 def check_image(image: np.ndarray, caption: str) -> list[ObjectCheck]:
