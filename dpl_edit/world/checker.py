@@ -69,7 +69,9 @@ def shape_templates(blob: np.ndarray) -> dict[str, np.ndarray]:
     for shape in world.SHAPES:
         unit = world.SceneObject(shape, "red", world.SIZE / 2, world.SIZE / 2, 10.0)
         half = 10.0 * np.sqrt(area / float(world._coverage(unit).sum()))
-        drawn = world.SceneObject(shape, "red", (cx + 0.5) * scale - 0.5, (cy + 0.5) * scale - 0.5, half)
+        drawn = world.SceneObject(
+            shape, "red", (cx + 0.5) * scale - 0.5, (cy + 0.5) * scale - 0.5, half
+        )
         template = world._coverage(drawn) > 0.5
         if template.shape != blob.shape:
             rows = (np.arange(blob.shape[0]) * scale).astype(int)
