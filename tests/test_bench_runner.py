@@ -109,16 +109,22 @@ def test_hard_categories_are_what_they_say(category: str):
                                    index, 0]), category
         )  # fmt: skip
         colours = sorted(o.color for o in drawn.objects)
-        assert scene.source == drawn.caption and len(scene.masks) == 2
+        count = 3 if category == "row-of-three" else 2
+        assert scene.source == drawn.caption and len(scene.masks) == count
         masks = list(scene.masks.values())
-        assert not (masks[0] & masks[1]).any()
-        gap = _disc_gap(drawn.objects)
-        if category == "same-colour":
+        assert not any((a & b).any() for i, a in enumerate(masks) for b in masks[i + 1 :])
+        gaps = [_disc_gap(pair) for pair in zip(drawn.objects, drawn.objects[1:], strict=False)]
+        if category in ("same-colour", "same-colour-close"):
             assert colours[0] == colours[1]
         elif category == "similar-colour":
             assert colours in (["orange", "red"], ["blue", "purple"])
-        else:
-            assert 1.0 <= gap <= 3.0
+        if category in ("close", "same-colour-close", "row-of-three"):
+            assert all(1.0 <= gap <= 3.0 for gap in gaps)
+        if category == "row-of-three":
+            a, b, c = (np.array([o.cx, o.cy]) for o in drawn.objects)
+            cross = (b - a)[0] * (c - b)[1] - (b - a)[1] * (c - b)[0]
+            assert abs(cross) < 1e-6 * np.linalg.norm(b - a) * np.linalg.norm(c - b) + 1e-9
+            assert len(set(colours)) == 3
     with pytest.raises(DplError, match="unknown scene category 'huge'"):
         world_split("val", categories=["huge"])
 

@@ -134,47 +134,62 @@ def sample_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scen
     )
 
 
-HARD_CATEGORIES = ("same-colour", "close", "similar-colour")
-"""Two-object scenes where a word's attention is likelier to spill onto the other object: both
-objects in one colour, objects nearly touching (1-3 px between their bounding discs), or
-colours that are near neighbours (red/orange, blue/purple)."""
+HARD_CATEGORIES = ("same-colour", "close", "similar-colour", "same-colour-close", "row-of-three")
+"""Scenes where a word's attention is likelier to spill onto another object: both objects in one
+colour, objects nearly touching (1-3 px between their bounding discs), colours that are near
+neighbours (red/orange, blue/purple), one colour *and* nearly touching, and three smaller
+objects of distinct colours in a row, each nearly touching the next. The first four have two
+objects."""
 _SIMILAR_COLOURS = (("red", "orange"), ("blue", "purple"))
+_CLOSE_GAP = (1.0, 3.0)
+
+
+def _colours(rng: np.random.Generator, category: str, n: int) -> list[str]:
+    if category in ("same-colour", "same-colour-close"):
+        return [str(rng.choice(list(COLORS)))] * n
+    if category == "similar-colour":
+        pair = _SIMILAR_COLOURS[int(rng.integers(len(_SIMILAR_COLOURS)))]
+        return [str(c) for c in rng.permutation(pair)]
+    if category in ("close", "row-of-three"):
+        return [str(c) for c in rng.choice(list(COLORS), size=n, replace=False)]
+    raise ValueError(f"unknown scene category {category!r}; use {', '.join(HARD_CATEGORIES)}")
 
 
 def sample_hard_scene(rng: np.random.Generator, category: str) -> Scene:
-    """Draw a two-object scene of one of `HARD_CATEGORIES` (shapes stay distinct, so each
-    shape word still names one object)."""
-    shapes = [str(s) for s in rng.choice(SHAPES, size=2, replace=False)]
-    if category == "same-colour":
-        colors = [str(rng.choice(list(COLORS)))] * 2
-    elif category == "similar-colour":
-        pair = _SIMILAR_COLOURS[int(rng.integers(len(_SIMILAR_COLOURS)))]
-        colors = [str(c) for c in rng.permutation(pair)]
-    elif category == "close":
-        colors = [str(c) for c in rng.choice(list(COLORS), size=2, replace=False)]
-    else:
-        raise ValueError(f"unknown scene category {category!r}; use {', '.join(HARD_CATEGORIES)}")
-    gap_range = (1.0, 3.0) if category == "close" else (1.0, 12.0)
+    """Draw a scene of one of `HARD_CATEGORIES` (shapes stay distinct, so each shape word still
+    names one object)."""
+    n = 3 if category == "row-of-three" else 2
+    shapes = [str(s) for s in rng.choice(SHAPES, size=n, replace=False)]
+    colors = _colours(rng, category, n)
+    close = category in ("close", "same-colour-close", "row-of-three")
+    gap_range = _CLOSE_GAP if close else (1.0, 12.0)
+    size_range = (5.0, 7.5) if n == 3 else (7.0, 12.5)
     for _ in range(1000):
-        halves = [float(h) for h in rng.uniform(7.0, 12.5, size=2)]
+        halves = [float(h) for h in rng.uniform(*size_range, size=n)]
         first = rng.uniform(_BOUND * halves[0], SIZE - _BOUND * halves[0], size=2)
-        angle, gap = float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(*gap_range))
-        distance = _BOUND * (halves[0] + halves[1]) + gap
-        second = first + distance * np.array([math.cos(angle), math.sin(angle)])
-        margin = _BOUND * halves[1]
-        if np.all(second >= margin) and np.all(second <= SIZE - margin):
+        angle = float(rng.uniform(0, 2 * math.pi))
+        direction = np.array([math.cos(angle), math.sin(angle)])
+        centres = [first]
+        for prev, half in zip(halves, halves[1:], strict=False):
+            distance = _BOUND * (prev + half) + float(rng.uniform(*gap_range))
+            centres.append(centres[-1] + distance * direction)
+        inside = all(
+            np.all(c >= _BOUND * h) and np.all(c <= SIZE - _BOUND * h)
+            for c, h in zip(centres, halves, strict=True)
+        )
+        if inside:
             break
     else:  # pragma: no cover - 1000 draws always find room on a 64 px canvas
-        raise RuntimeError("could not place two objects")
+        raise RuntimeError(f"could not place {n} objects")
     objects = tuple(
         SceneObject(shape, color, float(c[0]), float(c[1]), half)
-        for shape, color, c, half in zip(shapes, colors, (first, second), halves, strict=True)
+        for shape, color, c, half in zip(shapes, colors, centres, halves, strict=True)
     )
     return Scene(
         objects=objects,
         background=str(rng.choice(BACKGROUNDS)),
         texture_seed=int(rng.integers(0, 2**31 - 1)),
-        order=tuple(int(i) for i in rng.permutation(2)),
+        order=tuple(int(i) for i in rng.permutation(n)),
     )
 
 
