@@ -29,7 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from dpl_edit.bench.outcome import OutcomeThresholds, ScenePlaces, check_place
+from dpl_edit.bench.outcome import (
+    THRESHOLDS,
+    OutcomeThresholds,
+    ScenePlaces,
+    background_pixels,
+    check_place,
+)
 from dpl_edit.bench.scenes import BenchScene
 from dpl_edit.errors import DplError
 from dpl_edit.metrics import psnr
@@ -59,7 +65,7 @@ def reconstruction_scores(scene: BenchScene, reconstruction: np.ndarray) -> dict
     return {
         "iou": [c.iou for c in checks],
         "beats_rival": [c.iou > c.iou_rival for c in checks],
-        "background_psnr": psnr(source, reconstruction, places.background),
+        "background_psnr": psnr(source, reconstruction, background_pixels(places, THRESHOLDS)),
     }
 
 
@@ -72,6 +78,7 @@ def thresholds_from(scores: Sequence[dict]) -> tuple[OutcomeThresholds, dict]:
     backgrounds = np.array([s["background_psnr"] for s in scores])
     # Rounded down, so that the share passing is never below the percentile's promise.
     chosen = OutcomeThresholds(
+        background_margin=THRESHOLDS.background_margin,
         iou=math.floor(float(np.percentile(ious, PERCENTILE)) * 100) / 100,
         background_psnr=math.floor(float(np.percentile(backgrounds, PERCENTILE)) * 10) / 10,
     )

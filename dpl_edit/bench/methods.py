@@ -79,7 +79,14 @@ _OWN_MASS = {"leak_region": "others-split", "leak_measure": "mass", "use_dj": Fa
 _TABLE = (
     BenchMethod("ddim", "ddim", "DDIM inversion + P2P"),
     BenchMethod("nti", "nti", "null-text inversion + P2P"),
-    BenchMethod("dpl", "dpl", "Dynamic Prompt Learning + P2P (the model's DPL defaults)", {}),
+    BenchMethod(
+        "dpl",
+        "dpl",
+        "own-region DPL + P2P (the bundled models' DPL variant and default: each word's share of"
+        " attention mass outside its own region as the only loss, learned vectors bounded; not"
+        " the paper's three losses)",
+        {},
+    ),
     BenchMethod(
         "dpl-at", "dpl", "DPL, attention-balancing loss only", {"use_dj": False, "use_bg": False}
     ),
@@ -88,7 +95,14 @@ _TABLE = (
     BenchMethod(
         "dpl-no-thresholds", "dpl", "DPL without gradual thresholds", {"use_thresholds": False}
     ),
-    BenchMethod("dpl-paper", "dpl", "DPL with the paper's settings", {}, "paper"),
+    BenchMethod(
+        "dpl-paper",
+        "dpl",
+        "paper DPL + P2P (the paper's recipe: balancing, disjoint and background losses with"
+        " their thresholds)",
+        {},
+        "paper",
+    ),
     BenchMethod("dpl-words", "dpl", "paper DPL, balancing softmax over the words", _WORDS, "paper"),
     BenchMethod(
         "dpl-fraction", "dpl", "paper DPL, thresholds by schedule fraction", _FRACTION, "paper"

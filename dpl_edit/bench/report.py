@@ -501,8 +501,11 @@ def write_report(
     title: str = "Leakage benchmark",
     preamble: Sequence[str] = (),
     examples: Sequence[ExampleRow] = (),
+    failures: Sequence[ExampleRow] = (),
 ) -> dict:
-    """Write per_scene.json, aggregate.json, report.md and the pictures; return the aggregate."""
+    """Write per_scene.json, aggregate.json, report.md and the pictures; return the aggregate.
+
+    `failures` rows become `failures.png`, the gallery of typical failures of each class."""
     out_dir = Path(out_dir)
     agg = aggregate(per_scene, thresholds, baseline=baseline)
     agg["outcome_counts"] = outcome_counts(per_scene, baseline)
@@ -517,6 +520,9 @@ def write_report(
     if examples:
         plot_example_grid(examples, out_dir / "examples.png")
         pictures.append("examples.png")
+    if failures:
+        plot_example_grid(failures, out_dir / "failures.png")
+        pictures.append("failures.png")
     text = markdown_report(agg, title, preamble, pictures)
     if by_category:
         text += category_report(by_category)

@@ -29,7 +29,7 @@ import platform
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from dpl_edit.bench.methods import (
     resolve_methods,
 )
 from dpl_edit.bench.outcome import (
+    FAILURES,
     THRESHOLDS,
     OutcomeThresholds,
     measure_outcome,
@@ -538,6 +539,34 @@ def run_bench(
     )
 
 
+GALLERY_METHODS = ("nti", "dpl")
+"""The methods whose failures the failure gallery shows, side by side on each scene."""
+
+
+def failure_rows(
+    store: SceneStore,
+    scenes: Sequence[BenchScene],
+    resolution: int,
+    per_class: int = 2,
+) -> list[ExampleRow]:
+    """Typical failures of each class: for NTI and then DPL, the first `per_class` scenes that
+    method failed in that way, each shown with both methods' edits and edited-noun maps (so
+    one sees what the other method did on the same scene)."""
+    rows = []
+    for failing in GALLERY_METHODS:
+        for name in FAILURES:
+            found = 0
+            for scene in scenes:
+                result = store.load(scene.id)["methods"][failing].get("outcome")
+                if found == per_class or not result or not result["failure"][name]:
+                    continue
+                row = _example_row(store, prepare_scene(scene, resolution), GALLERY_METHODS)
+                label = f"{failing}: {name.replace('_', ' ')}\n{scene.id}"
+                rows.append(replace(row, scene_id=label))
+                found += 1
+    return rows
+
+
 def report_from_store(
     store: SceneStore,
     scenes: Sequence[BenchScene],
@@ -551,6 +580,9 @@ def report_from_store(
     for scene in scenes:
         methods_run = {n: store.load(scene.id)["methods"][n] for n in names}
         per_scene.append({"id": scene.id, "category": scene.category, "methods": methods_run})
+    gallery = []
+    if all(m in names for m in GALLERY_METHODS):
+        gallery = failure_rows(store, scenes, resolution)
     return write_report(
         store.root.parent,
         per_scene,
@@ -560,6 +592,7 @@ def report_from_store(
         examples=[
             _example_row(store, prepare_scene(s, resolution), names) for s in scenes[:examples]
         ],
+        failures=gallery,
     )
 
 
