@@ -1,10 +1,13 @@
-"""The documentation stays true to the code: the CLI reference matches the parsers, and every
-relative link in README.md and docs/ points at a file (and heading) that exists."""
+"""The documentation stays true to the code: the CLI reference matches the parsers, the model
+cards match what `gates --card-only` writes, and every relative link in README.md and docs/
+points at a file (and heading) that exists."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -81,6 +84,24 @@ def test_the_generator_writes_the_page(tmp_path):
     out = tmp_path / "cli.md"
     assert docs_cli.main(["--out", str(out)]) == 0
     assert out.read_text() == docs_cli.render()
+
+
+@pytest.mark.parametrize("name", ["world", "world-sink"])
+def test_model_cards_are_what_card_only_writes(name, tmp_path):
+    """A card is generated from gates.json and the notes in dpl_defaults.json: text edited in
+    the card alone would be lost the next time it is regenerated."""
+    from dpl_edit.bench.sink import MASS_FILE
+    from dpl_edit.world import gates
+
+    shipped = ROOT / "dpl_edit" / "models" / name
+    folder = tmp_path / name
+    folder.mkdir()
+    for part in ("dpl_defaults.json", "gates.json", MASS_FILE):
+        shutil.copy(shipped / part, folder / part)
+    gates.write_card(folder, json.loads((folder / "gates.json").read_text()))
+    assert (folder / "README.md").read_text() == (shipped / "README.md").read_text(), (
+        f"the {name} card is stale: python -m dpl_edit.world.gates --model {name} --card-only"
+    )
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
