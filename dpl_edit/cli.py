@@ -187,7 +187,7 @@ def _add_dpl_options(parser: argparse.ArgumentParser, one_image: bool = True) ->
     parser.add_argument("--fast", action="store_true",
                         help=f"the speed options: null text {FAST_NULL_TEXT.inner_steps} steps "
                         f"at rate {FAST_NULL_TEXT.lr} and, for DPL, --stop-on-rise (measured "
-                        "in docs/benchmarks.md)")  # fmt: skip
+                        "in docs/research/speed.md)")  # fmt: skip
     null = parser.add_argument_group("Null-text inversion (--method nti and dpl)")
     null.add_argument("--null-text-original", action="store_true",
                       help="the DPL code's null text: many steps from the empty prompt at "

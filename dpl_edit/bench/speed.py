@@ -8,7 +8,7 @@ passes; the edit on the threads `dpl edit` uses (and on the inversions' when tho
 and on the model loaded in bfloat16 (with its PSNR against the float32 edit, so that a faster
 precision is seen to keep the picture). Then one
 more DPL inversion with the defaults and one as `dpl-full` (the defaults without their stopping
-rules, the bundled models' default before the ninth session), each timed by the engine's
+rules), each timed by the engine's
 labelled timers (`dpl_edit.engine.timers`), split into UNet forward passes (with the attention
 hooks inside them shown apart), backward passes, optimiser steps, DPL's loss code, text
 encoding and the rest (Python, DDIM updates, K-means), so the next person knows where the time

@@ -154,7 +154,7 @@ def share_out_clusters(estimate: BackgroundEstimate) -> BackgroundEstimate:
     """The estimate with the claimed clusters' pixels shared out between the words.
 
     K-means often puts two nearby objects into one cluster, which one word claims while the
-    other claims none (measured in docs/benchmarks.md, issue 9 section 8), or gives one word's
+    other claims none (measured in docs/research/leakage.md, section 5), or gives one word's
     cluster part of another object; the word's own region then holds the other object too, so
     nothing keeps it off that object. Here every pixel of a claimed cluster goes to the word
     whose normalised cross-attention is highest there: the clusters still decide what is

@@ -258,14 +258,14 @@ class DplLossConfig:
     it (an update that raises it is undone, as with `stop_on_rise`). None (the paper) runs until
     the thresholds or `max_inner_steps`. Not in the paper: with the bundled model's default
     loss, after the first few steps 21 updates move the loss by under 0.1%, so nearly all of
-    the token stage's UNet passes change nothing (docs/benchmarks.md, Speed)."""
+    the token stage's UNet passes change nothing (docs/research/speed.md, stopping rules)."""
     learn_until: float = 1.0
     """Fraction of the denoising steps, counted from the first (noisiest), in which the word
     vectors are learned; the later steps keep the last learned vectors and cost no token-stage
     UNet pass. 1.0 (the paper) learns at every step. Not in the paper: the layout that the
     maps describe is settled in the early steps, and on the bundled model the vectors stop
     moving in the second half while updates late in the schedule, where the null text has
-    the least room to follow, cost reconstruction (docs/benchmarks.md, Speed)."""
+    the least room to follow, cost reconstruction (docs/research/speed.md, stopping rules)."""
     lr: float = 1e-3
     weight_decay: float = 0.01
     max_drift: float | None = None

@@ -1,8 +1,8 @@
 """CUDA-graph replay of the inversion's UNet calls, with and without gradient (GPU only, opt-in).
 
 At Stable Diffusion scale on one H100 a UNet pass is launch-bound: the host issues about a
-thousand kernels per pass, and a batch of 4 costs what a batch of 1 costs (docs/benchmarks.md,
-"Stable Diffusion scale"). A CUDA graph records those kernels once and replays them with one
+thousand kernels per pass, and a batch of 4 costs what a batch of 1 costs (docs/research/
+speed.md, "Stable Diffusion scale"). A CUDA graph records those kernels once and replays them with one
 launch; `torch.cuda.make_graphed_callables` does that for a forward pass and its backward, so
 null-text and token updates keep using autograd as before.
 

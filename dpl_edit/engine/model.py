@@ -61,13 +61,13 @@ class ModelDefaults:
     """CPU threads this model's inversions (batch-1 passes) run fastest on, when measured;
     `use_threads` applies it, capped at the machine's physical cores, for the `dpl` commands
     unless told otherwise. None: torch's choice. The bundled models say two: 15-25% faster
-    than one on the 2-core machines of the tenth session, where each CPU is its own core. An
-    earlier machine ran them 1.7x slower on two threads than on one; if its two CPUs were
-    hyperthreads of one core, the cap gives one there (docs/benchmarks.md, Speed)."""
+    than one on a 2-core machine where each CPU is its own core. Another 2-core machine ran
+    them 1.7x slower on two threads than on one; if its two CPUs were hyperthreads of one
+    core, the cap gives one there (docs/research/speed.md, Threads)."""
     edit_threads: int | None = None
     """Threads for edits (batch-3 passes), capped at the machine's CPUs, when they differ from
-    `threads`: two for the bundled models, faster than one on every machine measured, the
-    earlier one included. None: `threads`."""
+    `threads`: two for the bundled models, faster than one on every machine measured. None:
+    `threads`."""
 
     @classmethod
     def for_latent_size(cls, latent_size: int) -> ModelDefaults:
@@ -287,7 +287,7 @@ def use_cuda_graphs(model: LoadedModel, on: bool = True) -> None:
 def use_channels_last(model: LoadedModel, on: bool = True) -> None:
     """Keep the UNet's weights and activations channels-last (NHWC). On a GPU, cuDNN's
     tensor-core convolutions work in that layout: with the default layout about a third of
-    an SD-sized pass on an H100 went to converting between the two (docs/benchmarks.md).
+    an SD-sized pass on an H100 went to converting between the two (docs/research/speed.md).
     The arithmetic is the same but not bitwise (other convolution kernels), so it is opt-in.
     Turn it on before `use_cuda_graphs`: a graph keeps the layout it was captured with."""
     check_gpu_options(model.device, channels_last=on)

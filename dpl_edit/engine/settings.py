@@ -72,7 +72,7 @@ FAST_NULL_TEXT = NullTextSettings(inner_steps=5, lr=2e-2)
 """The speed options' null text (`--fast`, bench rows `nti-fast`/`dpl-fast`): half NTI's inner
 steps at twice its rate. Its updates move the null text by about the same distance (Adam's
 steps have a fixed size, and the loss falls almost linearly over the 10 steps); on the
-validation split it reconstructs and localises as NTI does (docs/benchmarks.md)."""
+validation split it reconstructs and localises as NTI does (docs/research/speed.md)."""
 
 
 @dataclass(frozen=True)

@@ -156,9 +156,9 @@ def training_summary(training: dict) -> str:
     if history:
         lines.append(
             "- Localisation during training (EMA weights, 24 held-out scenes, "
-            "teacher-forced at t = 100..700; best IoU / leakage of shape words as the run "
-            "measured them: runs before the metrics were shared with the benchmark upsampled "
-            "maps by pixel repetition and swept thresholds 0.05..0.95, so read these as a "
+            "teacher-forced at t = 100..700; best IoU / leakage of shape words as the "
+            "training run measured them, partly with a coarser measure than the benchmark's "
+            "(maps upsampled by pixel repetition, thresholds 0.05..0.95), so read these as a "
             "trend, and the gates below as the benchmark's numbers):"
         )
         # every checkpoint of the first 1000 steps (where localisation appears), then every 1000
@@ -280,8 +280,8 @@ def dpl_defaults_section(chosen: dict) -> str:
         " validation split with the `world` model, and the `max_drift` radius was checked on"
         " each bundled model's own validation scenes (0.25, 0.35, 0.5 and 0.75: 0.25 edits most"
         " like plain null-text inversion and halves the leakage gain, 0.75 repairs the maps"
-        " most and hits fewer edits); `docs/benchmarks.md` gives the sweeps, the reasons and"
-        " the test-split results.\n"
+        " most and hits fewer edits); `docs/research/leakage.md` gives the sweeps, the reasons"
+        " and the test-split results.\n"
     )
 
 

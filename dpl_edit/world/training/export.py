@@ -1,7 +1,7 @@
 """From a run folder to a model folder and back: export the EMA weights as a diffusers SD folder
 (what ships as the bundled model), and seed a new run from a shipped model to continue training.
 
-Checkpoints are not committed (too large); the model folder is, so a later session continues
+Checkpoints are not committed (too large); the model folder is, so a later run continues
 from it. No `StableDiffusionPipeline` is built either way (see `engine.model.save_model_folder`).
 """
 
@@ -34,7 +34,7 @@ from dpl_edit.world.training.data import (
 
 
 def seed_run(model: Path, training: dict, run: Path, cfg: TrainConfig) -> None:
-    """Start a run folder from a shipped model, so training continues across sessions.
+    """Start a run folder from a shipped model, so training continues from what ships.
 
     Its weights become both the live and the EMA weights, its step count and history
     (`training`, the record in its `dpl_defaults.json`) carry over; the optimiser starts fresh.

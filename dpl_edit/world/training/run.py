@@ -3,7 +3,7 @@
 Three phases, each resumable from its checkpoint in the run folder: the VAE (`vae.train_vae`),
 the UNet with the text encoder (`unet.train_unet`), and optionally the decoder
 (`vae.train_decoder`); then the EMA weights are exported as the model folder (`export`). A run
-can also start from a shipped model folder, to continue its training in a later session.
+can also start from a shipped model folder, to continue its training.
 """
 
 from __future__ import annotations

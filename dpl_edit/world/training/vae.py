@@ -3,7 +3,7 @@
 The VAE (AutoencoderKL, downsampling 4, 4 latent channels) is fully convolutional (no mid
 attention), so it trains on random 32x32 crops, four times cheaper than full scenes. Decoder
 fine-tuning runs on full scenes with the encoder frozen: the latents do not move, so the UNet
-stays valid and reconstruction can keep improving in a later session.
+stays valid and reconstruction can keep improving in a later run.
 """
 
 from __future__ import annotations
