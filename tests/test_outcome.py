@@ -25,10 +25,11 @@ def _cases(split: str, per_category: int) -> list[tuple[BenchScene, np.ndarray |
 
 
 def test_the_checker_judges_rendered_answers_right_in_every_category():
-    verdicts = outcome.validate(_cases("val", 6))
-    assert verdicts["ideal"] == {"accuracy": 1.0, "n": 30}
-    assert verdicts["source"] == {"accuracy": 1.0, "n": 30}
-    assert verdicts["wrong_object"]["n"] >= 25
+    cases = _cases("val", 6)
+    verdicts = outcome.validate(cases)
+    assert verdicts["ideal"] == {"accuracy": 1.0, "n": len(cases)}
+    assert verdicts["source"] == {"accuracy": 1.0, "n": len(cases)}
+    assert verdicts["wrong_object"]["n"] >= 0.8 * len(cases)
     assert verdicts["wrong_object"]["accuracy"] >= 0.95
 
 
