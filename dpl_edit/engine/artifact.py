@@ -184,6 +184,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_count(value: Any) -> bool:
+    return _is_int(value) and value >= 1
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -217,11 +221,20 @@ class InversionSchema:
     def fail(self, key: str, rule: str, value: Any) -> DplError:
         return DplError(f"{self.name}: meta.json key '{key}' must be {rule}, got {excerpt(value)}")
 
-    def key(self, record: dict[str, Any], key: str, valid: Callable[[Any], bool], rule: str) -> Any:
+    def key(
+        self,
+        record: dict[str, Any],
+        key: str,
+        valid: Callable[[Any], bool],
+        rule: str,
+        parent: str = "",
+    ) -> Any:
+        """`record[key]`, which must be there and be valid; `parent` names the object that
+        holds it ("settings."), for the message."""
         if key not in record:
-            raise DplError(f"{self.name}: meta.json has no key '{key}'")
+            raise DplError(f"{self.name}: meta.json has no key '{parent}{key}'")
         if not valid(record[key]):
-            raise self.fail(key, rule, record[key])
+            raise self.fail(f"{parent}{key}", rule, record[key])
         return record[key]
 
     def tensor(
@@ -259,8 +272,8 @@ class InversionSchema:
         self.key(meta, "method", lambda v: v in METHODS, f"one of {', '.join(METHODS)}")
         self.key(meta, "model_identity", lambda v: isinstance(v, str) and bool(v), "a name")
         settings = self.key(meta, "settings", lambda v: isinstance(v, dict), "an object")
-        steps = self.key(settings, "steps", lambda v: _is_int(v) and v >= 1, "a whole number >= 1")
-        self.key(settings, "guidance", _is_number, "a finite number")
+        steps = self.key(settings, "steps", _is_count, "a whole number >= 1", "settings.")
+        self.key(settings, "guidance", _is_number, "a finite number", "settings.")
         for key, valid, rule in _SETTINGS:
             if key in settings and not valid(settings[key]):
                 raise self.fail(f"settings.{key}", rule, settings[key])
@@ -311,8 +324,8 @@ class InversionSchema:
 
 
 _SETTINGS: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("resolution", lambda v: _is_int(v) and v >= 1, "a whole number >= 1"),
-    ("cross_attention_res", lambda v: _is_int(v) and v >= 1, "a whole number >= 1"),
+    ("resolution", _is_count, "a whole number >= 1"),
+    ("cross_attention_res", _is_count, "a whole number >= 1"),
     ("resize", lambda v: isinstance(v, bool), "true or false"),
     ("dtype", lambda v: isinstance(v, str), "a dtype name"),
     ("null_text", lambda v: v is None or isinstance(v, dict), "null or an object"),

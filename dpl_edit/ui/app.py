@@ -367,6 +367,17 @@ def served_address(host: str, port: int) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
 
+def exposure_warning(host: str, share: bool, auth: bool, address: str) -> str | None:
+    """The warning for an app that others can reach without logging in (None when only this
+    machine can, or everyone must log in)."""
+    if auth or (host in LOOPBACK and not share):
+        return None
+    return (
+        f"warning: the app has no authentication and anyone who can reach {address} can use "
+        "it; use --auth USER:PASS on a shared network"
+    )
+
+
 def serve(
     model: str | None = None,
     device: str = "auto",
@@ -400,13 +411,9 @@ def serve(
     except OSError as exc:  # the port is taken, or the address is not this machine's
         raise DplError(f"cannot serve on {host}:{port}: {exc}") from None
     address = demo.share_url or served_address(host, demo.server_port)
-    if auth is None and (share or host not in LOOPBACK):
-        print(
-            f"warning: the app has no authentication and is served on {address} to anyone "
-            "who can reach it; use --auth USER:PASS on a shared network",
-            file=sys.stderr,
-            flush=True,
-        )
+    warning = exposure_warning(host, share, auth is not None, address)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     print(f"dpl ui: {address}", flush=True)
     demo.block_thread()
     return address
