@@ -25,6 +25,7 @@ from dpl_edit.engine.settings import (
     FAST_NULL_TEXT,
     LEAK_MEASURES,
     LEAK_REGIONS,
+    MAX_SEED,
     METHODS,
     MODES,
     TARGET_TOKENS,
@@ -54,9 +55,6 @@ def _finite(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
     return value
-
-
-MAX_SEED = 2**32 - 1
 
 
 def _seed(text: str) -> int:

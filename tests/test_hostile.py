@@ -34,6 +34,7 @@ from dpl_edit.errors import DplError
 from dpl_edit.io.images import load_image, read_image
 from dpl_edit.io.names import safe_stem
 from dpl_edit.ui.app import ModelHolder, build_app, exposure_warning, served_address
+from dpl_edit.ui.handlers import InvertRequest, invert_input
 
 FAST = ["--steps", "2", "--device", "cpu"]
 PROMPT, TARGET = "a cat and a dog", "a cat and a lion"
@@ -342,10 +343,13 @@ def test_non_finite_numbers_are_refused(tiny_model, image_file, inv, capsys, val
         invert(tiny_model, tiny_image(), PROMPT, method="nti", steps=2, guidance=float(value))
 
 
-def test_out_of_range_seeds_are_refused(image_file, capsys):
+def test_out_of_range_seeds_are_refused(tiny_model, image_file, tmp_path, capsys):
     argv = ["invert", str(image_file), "--prompt", PROMPT, "--out", "x", "--seed"]
     for seed in ("-1", str(2**32), "1.5"):
         assert "--seed" in _usage_error(capsys, [*argv, seed])
+    for seed in (-1, 2**32):
+        with pytest.raises(DplError, match="the seed must be between 0 and"):
+            invert_input(tiny_model, tiny_image(), InvertRequest(PROMPT, seed=seed), tmp_path)
 
 
 @pytest.mark.parametrize("scale", [1e30, float("nan")])
