@@ -14,6 +14,7 @@ import math
 import resource
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, NoReturn
@@ -70,12 +71,10 @@ def _seed(text: str) -> int:
 
 def _word_scale(text: str) -> tuple[str, float]:
     word, sep, scale = text.rpartition("=")
-    try:
-        if not sep or not word:
-            raise argparse.ArgumentTypeError("")
-        return word, _finite(scale)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected WORD=NUMBER, got '{text}'") from None
+    if sep and word:
+        with suppress(argparse.ArgumentTypeError):
+            return word, _finite(scale)
+    raise argparse.ArgumentTypeError(f"expected WORD=NUMBER, got '{text}'")
 
 
 def _cross_steps(text: str) -> tuple[str, float]:
