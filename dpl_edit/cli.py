@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from dpl_edit import __version__
 from dpl_edit.engine.settings import (
@@ -24,6 +26,7 @@ from dpl_edit.engine.settings import (
     FAST_NULL_TEXT,
     LEAK_MEASURES,
     LEAK_REGIONS,
+    MAX_SEED,
     METHODS,
     MODES,
     TARGET_TOKENS,
@@ -44,14 +47,34 @@ class Command:
     run: Callable[[argparse.Namespace], Summary]
 
 
+def _finite(text: str) -> float:
+    """An argparse type: a finite number (float() also reads 'nan' and 'inf')."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
+    return value
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a seed every random generator takes (0 to 2^32 - 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_SEED}, got {text}")
+    return value
+
+
 def _word_scale(text: str) -> tuple[str, float]:
     word, sep, scale = text.rpartition("=")
-    try:
-        if not sep or not word:
-            raise ValueError
-        return word, float(scale)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WORD=NUMBER, got '{text}'") from None
+    if sep and word:
+        with suppress(argparse.ArgumentTypeError):
+            return word, _finite(scale)
+    raise argparse.ArgumentTypeError(f"expected WORD=NUMBER, got '{text}'")
 
 
 def _cross_steps(text: str) -> tuple[str, float]:
@@ -59,8 +82,8 @@ def _cross_steps(text: str) -> tuple[str, float]:
     if "=" in text:
         return _word_scale(text)
     try:
-        return "default_", float(text)
-    except ValueError:
+        return "default_", _finite(text)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"expected a fraction or WORD=FRACTION, got '{text}'"
         ) from None
@@ -84,11 +107,12 @@ def _add_common(
         group.add_argument("--threads", type=int, metavar="N",
                            help="CPU threads (default: the model's `threads`, for edits "
                            "its `edit_threads`, in dpl_defaults.json, else torch's choice)")  # fmt: skip
-        group.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+        group.add_argument("--seed", type=_seed, default=0,
+                           help=f"random seed, 0 to {MAX_SEED} (default: %(default)s)")  # fmt: skip
         group.add_argument("--steps", type=int, default=steps,
                            help="DDIM steps (default: %(default)s)" if steps else
                            "DDIM steps (default and only choice: the inversion's)")  # fmt: skip
-        group.add_argument("--guidance", type=float, default=guidance,
+        group.add_argument("--guidance", type=_finite, default=guidance,
                            help="guidance scale (default: %(default)s)" if guidance else
                            "guidance scale (default: the inversion's)")  # fmt: skip
     group.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
@@ -139,11 +163,11 @@ def _add_dpl_options(parser: argparse.ArgumentParser, one_image: bool = True) ->
                        "defaults (dpl_defaults.json); other options apply on top")  # fmt: skip
     group.add_argument("--no-at", action="store_true", help="no attention-balancing loss")
     group.add_argument("--no-dj", action="store_true", help="no disjoint-object loss")
-    group.add_argument("--lambda-at", type=float, metavar="W",
+    group.add_argument("--lambda-at", type=_finite, metavar="W",
                        help="weight of the balancing loss")  # fmt: skip
-    group.add_argument("--lambda-dj", type=float, metavar="W",
+    group.add_argument("--lambda-dj", type=_finite, metavar="W",
                        help="weight of the disjoint loss")  # fmt: skip
-    group.add_argument("--lambda-bg", type=float, metavar="W",
+    group.add_argument("--lambda-bg", type=_finite, metavar="W",
                        help="weight of the background loss")  # fmt: skip
     group.add_argument("--token-inner-steps", type=int, metavar="N",
                        help="most token updates per step (0 keeps the words' embeddings)")  # fmt: skip
@@ -178,7 +202,7 @@ def _add_dpl_options(parser: argparse.ArgumentParser, one_image: bool = True) ->
                        help="end a step's token updates once one lowers the loss by less than "
                        "F of it, undoing one that raises it (faster; not in the paper); "
                        "'none': no such rule")  # fmt: skip
-    group.add_argument("--learn-until", type=float, metavar="F",
+    group.add_argument("--learn-until", type=_finite, metavar="F",
                        help="learn the word vectors only in the first F of the steps (0 < F <= "
                        "1); later steps keep the last ones (faster; not in the paper)")  # fmt: skip
     group.add_argument("--stop-on-rise", action="store_true",
@@ -194,7 +218,7 @@ def _add_dpl_options(parser: argparse.ArgumentParser, one_image: bool = True) ->
                       "every step, no early stop (unset: NTI's)")  # fmt: skip
     null.add_argument("--null-steps", type=int, metavar="N",
                       help=f"most null-text updates per step (default {_NULL.inner_steps})")  # fmt: skip
-    null.add_argument("--null-lr", type=float, metavar="LR",
+    null.add_argument("--null-lr", type=_finite, metavar="LR",
                       help=f"null-text learning rate at the first step (default {_NULL.lr})")  # fmt: skip
 
 
@@ -230,8 +254,8 @@ def _number_or_none(valid: Callable[[float], bool], rule: str) -> Callable[[str]
         if text.strip().lower() == _UNBOUNDED:
             return _UNBOUNDED
         try:
-            value = float(text)
-        except ValueError:
+            value = _finite(text)
+        except argparse.ArgumentTypeError:
             raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
         if not valid(value):
             raise argparse.ArgumentTypeError(f"must be {rule} or 'none', got {text}")
@@ -333,7 +357,7 @@ def _add_edit_options(parser: argparse.ArgumentParser) -> None:
         metavar="F|WORD=F",
         help=f"fraction of steps injecting cross-attention (default: {_EDIT.cross_replace_steps})",
     )
-    parser.add_argument("--self-steps", type=float, default=_EDIT.self_replace_steps,
+    parser.add_argument("--self-steps", type=_finite, default=_EDIT.self_replace_steps,
                         help="fraction of steps injecting self-attention (default: %(default)s)")  # fmt: skip
     parser.add_argument(
         "--target-tokens",
@@ -433,11 +457,16 @@ def _summary(
     }
 
 
-def _run_invert(args: argparse.Namespace) -> Summary:
-    from dpl_edit.io.atomic import check_folder_target
-    from dpl_edit.io.images import read_image
+def _inputs(*paths: str | None) -> list[Path]:
+    """The command's input files and folders, which no output may be, hold or sit inside."""
+    return [Path(path) for path in paths if path]
 
-    check_folder_target(args.out, args.overwrite)
+
+def _run_invert(args: argparse.Namespace) -> Summary:
+    from dpl_edit.io.images import read_image
+    from dpl_edit.io.targets import check_folder_target
+
+    check_folder_target(args.out, args.overwrite, _inputs(args.image, args.bg_mask))
     image = read_image(args.image)
     model = _load_model(args)
     inversion = _invert(args, model, image)
@@ -449,7 +478,9 @@ def _run_invert(args: argparse.Namespace) -> Summary:
 
 def _run_edit(args: argparse.Namespace) -> Summary:
     from dpl_edit.engine.artifact import Inversion
+    from dpl_edit.io.targets import check_image_target
 
+    check_image_target(args.out, args.overwrite, _inputs(args.folder))
     inversion = Inversion.load(args.folder)  # a bad folder fails before the model loads
     model = _load_model(args)
     result = _edit(args, model, inversion)  # edit() refuses an inversion of another model
@@ -459,7 +490,9 @@ def _run_edit(args: argparse.Namespace) -> Summary:
 def _run_attention(args: argparse.Namespace) -> Summary:
     from dpl_edit.engine.artifact import Inversion
     from dpl_edit.io.pictures import attention_grid
+    from dpl_edit.io.targets import check_image_target
 
+    check_image_target(args.out, args.overwrite, _inputs(args.folder, args.compare))
     inversion = Inversion.load(args.folder)
     rows = [(inversion.method.upper(), inversion.attention)]
     if args.compare:
@@ -489,24 +522,32 @@ def _run_run(args: argparse.Namespace) -> Summary:
     from dpl_edit.io.images import read_image
     from dpl_edit.outputs import RunFiles
 
+    files = RunFiles.next_to(Path(args.out))
+    files.check(args.overwrite, _inputs(args.image, args.bg_mask))
     image = read_image(args.image)
     model = _load_model(args)
     check_prompt(model, args.target)  # the edit's target is refused before the inversion runs
     inversion = _invert(args, model, image)
     result = _edit(args, model, inversion)
     return _summary(
-        RunFiles.next_to(Path(args.out)).save(inversion, [result]),
+        files.save(inversion, [result]),
         {**inversion.timings, **result.timings},
         {**inversion.unet_evals, **result.unet_evals},
         _inner_steps(inversion),
     )
 
 
+def _add_overwrite(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace an existing output if it is {what}; a file or folder "
+                        "dpl-edit did not make is never replaced")  # fmt: skip
+
+
 def _invert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", help="image file (anything Pillow reads)")
     parser.add_argument("--prompt", required=True, help="text describing the image")
     parser.add_argument("--out", required=True, help="inversion folder to create")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    _add_overwrite(parser, "an inversion folder it made")
     _add_inversion_options(parser)
     _add_common(parser)
 
@@ -514,14 +555,16 @@ def _invert_arguments(parser: argparse.ArgumentParser) -> None:
 def _edit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", help="inversion folder made by `dpl invert`")
     parser.add_argument("--target", required=True, help="the edited prompt")
-    parser.add_argument("--out", required=True, help="edited image (PNG)")
+    parser.add_argument("--out", required=True, help="edited image (.png or .jpg)")
+    _add_overwrite(parser, "an image it made")
     _add_edit_options(parser)
     _add_common(parser, steps=_THE_INVERSIONS, guidance=_THE_INVERSIONS)
 
 
 def _attention_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", help="inversion folder made by `dpl invert`")
-    parser.add_argument("--out", required=True, help="attention grid (PNG)")
+    parser.add_argument("--out", required=True, help="attention grid (.png or .jpg)")
+    _add_overwrite(parser, "an image it made")
     parser.add_argument(
         "--compare",
         metavar="FOLDER",
@@ -537,9 +580,10 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         required=True,
-        help="edited image (PNG); OUT_source.png, OUT_attention.png and the OUT_inversion "
-        "folder are written (or replaced) next to it",
+        help="edited image (.png or .jpg); OUT_source.png, OUT_attention.png and the "
+        "OUT_inversion folder are written next to it",
     )
+    _add_overwrite(parser, "files and a folder it made")
     _add_inversion_options(parser)
     _add_edit_options(parser)
     _add_common(parser)
@@ -602,7 +646,7 @@ def _add_executor_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ray", metavar="ADDRESS",
                        help="run on a Ray cluster: auto (the one this machine is in), local "
                        "(start one here) or HOST:PORT; needs pip install 'dpl-edit[ray]'")  # fmt: skip
-    group.add_argument("--gpus-per-job", type=float, metavar="G",
+    group.add_argument("--gpus-per-job", type=_finite, metavar="G",
                        help="GPUs each Ray worker reserves (default: 1 on a cluster with GPUs, "
                        "else 0)")  # fmt: skip
 
@@ -626,7 +670,7 @@ def _executor(args: argparse.Namespace, model) -> Any:
 def _run_batch(args: argparse.Namespace) -> Summary:
     from dpl_edit.batch.executors import require_ray
     from dpl_edit.batch.jobs import EditJob, JobDefaults, read_jobs
-    from dpl_edit.batch.run import BatchSettings, check_job, run_batch
+    from dpl_edit.batch.run import BatchSettings, check_batch_folder, check_job, run_batch
 
     if args.example_jobs:
         from dpl_edit.bench.world_set import export_jobs
@@ -635,6 +679,7 @@ def _run_batch(args: argparse.Namespace) -> Summary:
         return _summary({"jobs": path}, {}, {})
     if not args.jobs or not args.out:
         raise DplError("give a job file and --out (or --example-jobs DIR)")
+    check_batch_folder(args.out)
     if args.ray:
         require_ray()  # before minutes of checking and loading
     model = _load_model(args)
@@ -753,11 +798,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae-steps", type=int, help="VAE steps (total, resumable)")
     parser.add_argument("--unet-steps", type=int, help="UNet steps (total, resumable)")
     parser.add_argument("--decoder-steps", type=int, help="decoder fine-tuning steps")
-    parser.add_argument("--attn-guide-weight", type=float, help="weak attention hint (0 = off)")
-    parser.add_argument("--sink-weight", type=float,
+    parser.add_argument("--attn-guide-weight", type=_finite, help="weak attention hint (0 = off)")
+    parser.add_argument("--sink-weight", type=_finite,
                         help="weight of the term that makes the start token the attention sink, "
                         "as in Stable Diffusion (0 = off)")  # fmt: skip
-    parser.add_argument("--ema-decay", type=float,
+    parser.add_argument("--ema-decay", type=_finite,
                         help="decay of the exported EMA weights (the recipe's: 0.999)")  # fmt: skip
     parser.add_argument("--lr-decay-from", type=int, metavar="STEP",
                         help="cosine-decay the UNet/text learning rate from STEP to its floor at "
@@ -781,12 +826,23 @@ def _run_train(args: argparse.Namespace) -> Summary:
     return _summary({"model": model, "run": args.run}, {}, {})
 
 
+def _credentials(text: str) -> tuple[str, str]:
+    """--auth's value: USER:PASS, neither empty (the password may hold colons)."""
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise argparse.ArgumentTypeError("expected USER:PASS")
+    return user, password
+
+
 def _ui_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s, this machine only)")  # fmt: skip
     parser.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     parser.add_argument("--share", action="store_true",
                         help="also open a public Gradio share link (off unless given)")  # fmt: skip
+    parser.add_argument("--auth", type=_credentials, metavar="USER:PASS",
+                        help="ask for this user name and password (the app has no accounts of "
+                        "its own; use it with --host or --share on a shared machine)")  # fmt: skip
     _add_common(parser, model=False)
     _add_model_options(parser.add_argument_group("model"))
 
@@ -803,6 +859,7 @@ def _run_ui(args: argparse.Namespace) -> Summary:
         args.share,
         args.cuda_graphs,
         args.channels_last,
+        args.auth,
     )
     return _summary({"address": address}, {}, {})
 
@@ -819,8 +876,16 @@ COMMANDS: list[Command] = [
 ]  # fmt: skip
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one `error:` line and exit code 2, like every other
+    user error (argparse prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dpl", description="Edit real images with text (null-text inversion, P2P, DPL)."
     )
     parser.add_argument("--version", action="version", version=f"dpl-edit {__version__}")

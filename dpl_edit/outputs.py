@@ -15,6 +15,7 @@ from dpl_edit.engine.artifact import Inversion
 from dpl_edit.engine.edit import EditResult
 from dpl_edit.io.images import save_png
 from dpl_edit.io.pictures import attention_grid
+from dpl_edit.io.targets import check_folder_target, check_image_target
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,8 @@ class RunFiles:
 
     @classmethod
     def next_to(cls, out: Path) -> RunFiles:
-        """`dpl run`'s layout: OUT, OUT_source.png, OUT_attention.png, the OUT_inversion folder."""
+        """`dpl run`'s layout: OUT (PNG or JPEG), OUT_source.png, OUT_attention.png, the
+        OUT_inversion folder."""
         return cls(
             inversion=out.with_name(f"{out.stem}_inversion"),
             source=out.with_name(f"{out.stem}_source.png"),
@@ -46,8 +48,16 @@ class RunFiles:
             edits={f"edit-{k}": folder / f"edit-{k}.png" for k in range(1, n_edits + 1)},
         )
 
+    def check(self, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
+        """Refuse, before any work, a file or folder these outputs must not replace (one the
+        tool did not make, or any without `overwrite`) or an input (`dpl_edit.io.targets`)."""
+        for path in [*self.edits.values(), self.source, self.attention]:
+            check_image_target(path, overwrite, inputs)
+        check_folder_target(self.inversion, overwrite, inputs)
+
     def save(self, inversion: Inversion, results: Sequence[EditResult]) -> dict[str, Path]:
-        """Write everything (replacing earlier files); return {name: path}, edits by name.
+        """Write everything (replacing the tool's earlier files); return {name: path}, edits
+        by name.
 
         The source branch of every edit is the same reconstruction, so the first one is saved.
         """

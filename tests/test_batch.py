@@ -196,14 +196,19 @@ def test_every_bad_line_is_reported_before_anything_runs(strict_model_dir, tmp_p
     ]
     jobs, out = write_jobs(tmp_path, [good], bad_lines), tmp_path / "out"
     code = main(["batch", str(jobs), "--out", str(out), "--model", str(strict_model_dir), *FAST])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "\n" not in err and "Traceback" not in err
-    assert err.startswith(f"error: {jobs}: 6 bad lines, nothing was run: line 2: bad JSON")
-    assert "line 3: image '" in err and "missing.png' does not exist" in err
-    assert "line 4: edit 1: word swap needs prompts with the same number of words" in err
-    assert "line 5: the word 'zebra'" in err
-    assert "line 6: duplicate id 'cat' (first on line 1)" in err
-    assert "line 7: unknown key 'edit' in the job (allowed: edits, id, image," in err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "Traceback" not in "\n".join(err)
+    assert err[0] == f"error: {jobs}: 6 bad lines, nothing was run:"
+    assert (
+        err[1]
+        == "  line 2: bad JSON (Expecting property name enclosed in double quotes at column 18)"
+    )
+    assert err[2].startswith("  line 3: image '") and err[2].endswith("missing.png' does not exist")
+    assert err[3].startswith("  line 4: edit 1: word swap needs prompts with the same number")
+    assert err[4].startswith("  line 5: the word 'zebra'")
+    assert err[5] == "  line 6: duplicate id 'cat' (first on line 1)"
+    assert err[6].startswith("  line 7: unknown key 'edit' in the job (allowed: edits, id, image,")
+    assert len(err) == 7
     assert not out.exists()
 
 

@@ -50,7 +50,9 @@ def test_run_writes_everything_and_reports_json(tiny_model_dir, image_file, tmp_
     assert Image.open(out).size == (32, 32)
     assert summary["unet_evals"]["edit"] == 3 and summary["unet_evals"]["ddim_inversion"] == 3
     assert summary["seconds"]["null_text"] > 0 and summary["peak_memory"]["cpu_rss_mb"] > 0
-    assert main(argv + FAST) == 0  # running again replaces its own outputs
+    assert main(argv + FAST) == 2  # its own outputs are replaced only when asked
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main(argv + FAST + ["--overwrite"]) == 0
 
 
 def test_edit_and_attention_from_a_folder(tiny_model_dir, inversion_dir, tmp_path, capsys):

@@ -398,6 +398,7 @@ def test_cli_run_and_attention_comparison(tiny_model_dir, image_file, tmp_path, 
     assert main([*argv, "--method", "nti", *common]) == 0
     capsys.readouterr()
     argv = ["attention", str(folder), "--compare", str(tmp_path / "o"), "--out", str(double)]
+    argv.append("--overwrite")  # the error under test is the comparison's, not the output's
     assert "inverts 'a dog and a cat', not 'a cat and a dog'" in _cli_error(capsys, argv)
 
 

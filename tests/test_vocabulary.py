@@ -46,7 +46,9 @@ def test_vocabulary_is_read_from_the_model_folder(tiny_model_dir, tmp_path):
 def test_known_words_pass_in_any_case_and_with_punctuation(strict_model):
     ids = check_prompt(strict_model, "A cat, and the Dog on the grass.")
     assert ids == strict_model.tokenizer("A cat, and the Dog on the grass.").input_ids
-    assert check_prompt(strict_model, "") == strict_model.tokenizer("").input_ids
+    for wordless in ("", " ", "..."):  # nothing to edit: refused before the vocabulary
+        with pytest.raises(DplError, match="has no words"):
+            check_prompt(strict_model, wordless)
 
 
 def test_a_model_without_a_vocabulary_takes_any_word(tiny_model):

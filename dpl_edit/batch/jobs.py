@@ -15,7 +15,7 @@ error names the file and the 1-based line.
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,7 +31,8 @@ from dpl_edit.engine.settings import (
 )
 from dpl_edit.errors import DplError
 from dpl_edit.io.images import read_image
-from dpl_edit.io.jsonl import jsonl_lines, parse_line
+from dpl_edit.io.jsonl import excerpt, jsonl_lines, parse_line
+from dpl_edit.io.names import safe_stem
 
 Window = float | dict[str, float]
 """A P2P step fraction, or per-word fractions with the rest under "default_" (as `edit` takes)."""
@@ -77,6 +78,12 @@ class Job:
     words: tuple[str, ...] | None
     edits: tuple[EditJob, ...]
 
+    @property
+    def folder(self) -> str:
+        """The job's folder name under the output's `jobs/` (one per id: `read_jobs` refuses
+        two ids that would share one)."""
+        return safe_stem(self.id)
+
     def spec(self) -> dict[str, Any]:
         """What the job's outputs depend on, as JSON: a stored record with another spec is
         stale (the line or the image changed) and the job is run again. The image counts by
@@ -110,7 +117,7 @@ class Job:
 def _typed(record: Mapping[str, Any], key: str, check: Callable[[Any], bool], what: str) -> Any:
     value = record[key]
     if not check(value):
-        raise DplError(f"'{key}' must be {what}, got {json.dumps(value)}")
+        raise DplError(f"'{key}' must be {what}, got {excerpt(value)}")
     return value
 
 
@@ -119,7 +126,8 @@ def _is_text(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite JSON number (Python's JSON reads NaN and Infinity too)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_words(value: Any) -> bool:
@@ -138,13 +146,13 @@ def _cross_steps(value: Any) -> Window:
     if isinstance(value, dict) and value and all(_is_number(v) for v in value.values()):
         return {"default_" if k == _DEFAULT_WORD else k: float(v) for k, v in value.items()}
     raise DplError(
-        f"'cross_steps' must be a fraction or {{\"default\": F, WORD: F, ...}}, got {json.dumps(value)}"
+        f"'cross_steps' must be a fraction or {{\"default\": F, WORD: F, ...}}, got {excerpt(value)}"
     )
 
 
 def _parse_edit(record: Any, defaults: EditJob) -> EditJob:
     if not isinstance(record, dict):
-        raise DplError(f"every edit must be a JSON object, got {json.dumps(record)}")
+        raise DplError(f"every edit must be a JSON object, got {excerpt(record)}")
     if "target" not in record:
         raise DplError("an edit has no 'target'")
     _unknown(record, _EDIT_KEYS, "an edit")
@@ -217,6 +225,10 @@ def parse_job(record: Any, line: int, base: Path, defaults: JobDefaults) -> Job:
     )
 
 
+MAX_REPORTED = 20
+"""Bad lines a job file's error shows, one a line; the rest are counted."""
+
+
 def read_jobs(
     path: str | Path,
     defaults: JobDefaults,
@@ -224,28 +236,41 @@ def read_jobs(
 ) -> list[Job]:
     """Every job of a JSONL file, each line parsed and passed to `check` (the model's checks).
 
-    All lines are checked before anything runs; every bad line is reported, in one error that
-    names each line, so that one fix-and-rerun cycle clears them all.
+    All lines are checked before anything runs; every bad line is counted and the first
+    `MAX_REPORTED` are reported, each on its own line, so that one fix-and-rerun cycle clears
+    them. Two ids that would share a job folder are refused too (`Job.folder`; compared
+    without case, as some file systems do).
     """
     path = Path(path)
     jobs: list[Job] = []
     errors: list[str] = []
-    seen: dict[str, int] = {}
+    ids: dict[str, int] = {}
+    folders: dict[str, Job] = {}
     for number, line in jsonl_lines(path, "job file"):
         try:
             job = parse_job(parse_line(line), number, path.parent, defaults)
-            if job.id in seen:
-                raise DplError(f"duplicate id '{job.id}' (first on line {seen[job.id]})")
+            if job.id in ids:
+                raise DplError(f"duplicate id '{job.id}' (first on line {ids[job.id]})")
+            other = folders.get(job.folder.casefold())
+            if other is not None:
+                raise DplError(
+                    f"id '{job.id}' would share the job folder 'jobs/{other.folder}' with id "
+                    f"'{other.id}' on line {other.line}; rename one"
+                )
             if check is not None:
                 check(job)
         except DplError as exc:
-            errors.append(f"line {number}: {exc}")
+            errors.append(f"  line {number}: {exc}")
             continue
-        seen[job.id] = number
+        ids[job.id] = number
+        folders[job.folder.casefold()] = job
         jobs.append(job)
     if errors:
         bad = "1 bad line" if len(errors) == 1 else f"{len(errors)} bad lines"
-        raise DplError(f"{path}: {bad}, nothing was run: {'; '.join(errors)}")
+        shown = errors[:MAX_REPORTED]
+        if len(errors) > MAX_REPORTED:
+            shown.append(f"  ... and {len(errors) - MAX_REPORTED} more")
+        raise DplError("\n".join([f"{path}: {bad}, nothing was run:", *shown]))
     if not jobs:
         raise DplError(f"job file {path} has no jobs")
     return jobs

@@ -4,7 +4,9 @@ Layout of the output folder:
 
 - `jobs/<id>/`: the job's files (`dpl_edit.outputs.RunFiles.in_folder`: `inversion/`,
   `source.png`, `attention.png`, `edit-1.png`, ...) and `record.json`, written last;
-- `summary.jsonl` (one record a job, in job-file order) and `summary.md` (a table).
+- `summary.jsonl` (one record a job, in job-file order) and `summary.md` (a table);
+- `batch.json`, written first: the folder's marker. A batch writes only into a new or empty
+  folder or one with this marker (`check_batch_folder`), so it never replaces a user's files.
 
 Resuming: a job whose record says "ok", matches the job's current spec and settings, and whose
 files are all there is skipped; anything else (no record, because a crash stopped the job before
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from dpl_edit import __version__
 from dpl_edit.batch.executors import Executor, Sequential
 from dpl_edit.batch.jobs import Job
 from dpl_edit.dpl.losses import DplLossConfig
@@ -38,10 +41,38 @@ from dpl_edit.engine.model import LoadedModel
 from dpl_edit.engine.settings import InversionSettings, NullTextSettings
 from dpl_edit.errors import DplError
 from dpl_edit.io.atomic import atomic_write_bytes
-from dpl_edit.io.names import safe_stem
+from dpl_edit.io.targets import check_location
 from dpl_edit.outputs import RunFiles
 
 RECORD = "record.json"
+MARKER_FILE = "batch.json"
+MARKER_FORMAT = "dpl-batch"
+
+
+def _is_batch_folder(out_dir: Path) -> bool:
+    marker = out_dir / MARKER_FILE
+    if marker.is_symlink() or not marker.is_file():
+        return False
+    try:
+        meta = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == MARKER_FORMAT
+
+
+def check_batch_folder(out_dir: str | Path) -> Path:
+    """Refuse, before any work, an output folder a batch must not write into: one that holds
+    files but no batch's marker, or a location that cannot be written."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DplError(f"'{out_dir}' exists and is not a folder; choose another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not _is_batch_folder(out_dir):
+        raise DplError(
+            f"'{out_dir}' holds files a batch did not write (no {MARKER_FILE}); a batch writes "
+            "only into a new or empty folder or its own: choose another --out"
+        )
+    check_location(out_dir / MARKER_FILE)
+    return out_dir
 
 
 @dataclass(frozen=True)
@@ -170,7 +201,7 @@ class JobStore:
         self.out_dir, self.settings = out_dir, settings
 
     def folder(self, job: Job) -> Path:
-        return self.out_dir / "jobs" / safe_stem(job.id)
+        return self.out_dir / "jobs" / job.folder
 
     def record(self, job: Job) -> dict[str, Any] | None:
         """The job's stored record, or None when there is none or it cannot be read."""
@@ -225,7 +256,7 @@ def _summary_row(job: Job, record: dict[str, Any] | None) -> dict[str, Any]:
         return {"id": job.id, "line": job.line, "status": "not run"}
     keys = ("id", "line", "status", "error", "seconds", "unet_evals", "worker")
     row = {key: record.get(key) for key in keys}
-    row["folder"] = f"jobs/{safe_stem(job.id)}"
+    row["folder"] = f"jobs/{job.folder}"
     return row
 
 
@@ -277,7 +308,10 @@ def run_batch(
     """
     settings = settings or BatchSettings()
     executor = executor or Sequential(model)
-    out_dir = Path(out_dir)
+    out_dir = check_batch_folder(out_dir)
+    if not _is_batch_folder(out_dir):
+        marker = {"format": MARKER_FORMAT, "package_version": __version__}
+        atomic_write_bytes(out_dir / MARKER_FILE, (json.dumps(marker) + "\n").encode("utf-8"))
     store = JobStore(out_dir, {**settings.as_json(), "model": model.identity})
     todo = [job for job in jobs if not store.is_done(job)]
     start = time.perf_counter()

@@ -9,6 +9,7 @@ target branch.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -23,7 +24,7 @@ from dpl_edit.engine.align import refinement_mapper, replacement_mapper
 from dpl_edit.engine.artifact import Inversion
 from dpl_edit.engine.attention import AttentionController, CrossAttentionStore, controlled_attention
 from dpl_edit.engine.ddim import Ddim, denoise_beside_source, denoise_step
-from dpl_edit.engine.model import LoadedModel, same_model
+from dpl_edit.engine.model import LoadedModel
 from dpl_edit.engine.p2p import (
     AttentionEdit,
     AttentionRefine,
@@ -40,7 +41,7 @@ from dpl_edit.engine.text import (
     word_token_positions,
 )
 from dpl_edit.errors import DplError
-from dpl_edit.io.images import save_png
+from dpl_edit.io.images import save_image
 
 Window = float | tuple[float, float]
 
@@ -63,8 +64,8 @@ class EditResult:
     unet_evals: dict[str, int] = field(default_factory=dict)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the edited image as PNG (atomically)."""
-        return save_png(self.image, path)
+        """Write the edited image atomically, as PNG or JPEG by the extension."""
+        return save_image(self.image, path)
 
 
 def _window_steps(window: Window, steps: int) -> tuple[int, int]:
@@ -251,13 +252,11 @@ def edit(
         raise DplError(
             f"unknown target tokens {target_tokens!r}; choose one of {', '.join(TARGET_TOKENS)}"
         )
-    if not same_model(inversion.model_identity, model.identity):
-        raise DplError(
-            f"the inversion was made with model {inversion.model_identity}, not with "
-            f"{model.identity}; load that model or invert again"
-        )
+    inversion.check_model(model)
     source, steps = inversion.prompt, inversion.steps
     guidance = inversion.guidance if guidance is None else guidance
+    if not math.isfinite(guidance):
+        raise DplError(f"the guidance scale must be a finite number, got {guidance}")
     start_time, evals_before = time.perf_counter(), model.unet_evals
     plan = plan_edit(
         model,

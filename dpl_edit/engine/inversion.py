@@ -7,6 +7,7 @@ passes (`null_text`) and DPL's stage know nothing of this module.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -48,13 +49,13 @@ def plan_inversion(
     """
     if method not in METHODS:
         raise DplError(f"unknown inversion method '{method}' (use {', '.join(METHODS)})")
-    if steps < 1:
-        raise DplError("the number of steps must be at least 1")
+    train_steps = int(model.scheduler.config.num_train_timesteps)
+    if not 1 <= steps <= train_steps:
+        raise DplError(f"the number of steps must be between 1 and {train_steps} (the "
+                       f"scheduler's), got {steps}")  # fmt: skip
     dpl_options = words or dpl_config or background or bg_mask is not None or no_bg
     if method != "dpl" and dpl_options:
         raise DplError(f"words and background options need method 'dpl', not '{method}'")
-    if not prompt.strip():  # nothing to edit later: P2P edits the prompt's words
-        raise DplError("the prompt is empty; describe the image in words")
     check_prompt(model, prompt)  # a prompt the model cannot take is the first thing to report
     if method != "dpl":
         return None
@@ -87,6 +88,8 @@ def invert(
     plan = plan_inversion(
         model, prompt, method, steps, words, dpl_config, background, bg_mask, no_bg
     )
+    if not math.isfinite(guidance):
+        raise DplError(f"the guidance scale must be a finite number, got {guidance}")
     null_text = null_text or NullTextSettings()
     if isinstance(image, Image.Image):
         image = prepare_image(image, model.resolution, resize)

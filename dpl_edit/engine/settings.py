@@ -40,6 +40,8 @@ always reads the learned ones (its maps are what the edit injects); with "plain"
 draws the unchanged words from their usual meaning, not from a vector that was fitted only for
 the source prompt's context."""
 TARGET_TOKENS: tuple[str, ...] = get_args(TargetTokens)
+MAX_SEED = 2**32 - 1
+"""The largest seed: every random generator the tool seeds (torch, numpy) takes 0 to 2^32 - 1."""
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = "cpu, cuda, cuda:N, mps or auto"
 

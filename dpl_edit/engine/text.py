@@ -34,10 +34,18 @@ def bare_word(word: str) -> str:
     return word.strip(PUNCTUATION).lower()
 
 
+def has_word(text: str) -> bool:
+    """Whether `text` holds a word (a letter or digit): "..." describes nothing to edit."""
+    return any(character.isalnum() for character in text)
+
+
 def check_prompt(model: LoadedModel, prompt: str) -> list[int]:
-    """The prompt's token ids, after refusing what the model cannot take: an over-long prompt,
-    or a word outside the vocabulary the model declares (BPE would split it into pieces the
-    model never saw, and the result would be garbage rather than an error)."""
+    """The prompt's token ids, after refusing what the model cannot take: a prompt without a
+    word, an over-long prompt, or a word outside the vocabulary the model declares (BPE would
+    split it into pieces the model never saw, and the result would be garbage rather than an
+    error)."""
+    if not has_word(prompt):  # nothing to edit later: P2P edits the prompt's words
+        raise DplError(f"the prompt {prompt!r} has no words; describe the image in words")
     vocabulary = model.defaults.vocabulary
     if vocabulary:
         known = set(vocabulary)

@@ -27,3 +27,12 @@ def parse_line(line: str) -> Any:
         return json.loads(line)
     except json.JSONDecodeError as exc:
         raise DplError(f"bad JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise DplError("bad JSON (nested too deeply)") from None
+
+
+def excerpt(value: Any, limit: int = 60) -> str:
+    """A JSON value as text, cut short: an error line stays one short line whatever a file
+    holds."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

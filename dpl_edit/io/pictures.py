@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from dpl_edit.io.atomic import atomic_write_bytes
-from dpl_edit.io.images import save_png
+from dpl_edit.io.images import MARKER, MARKER_KEY, image_format, save_image, save_png
 
 Words = Sequence[tuple[str, Sequence[int]]]
 
@@ -73,10 +73,15 @@ def attention_grid(
 
 
 def save_figure(figure: Figure, path: str | os.PathLike, **savefig: Any) -> Path:
-    """Render a matplotlib figure to PNG and write it atomically (`savefig` options pass on)."""
+    """Render a matplotlib figure and write it atomically, as PNG or JPEG by the extension and
+    with the tool's marker (`savefig` options pass on)."""
+    image_format(path)  # an unwritable name is refused before the rendering
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", **savefig)
-    return atomic_write_bytes(path, buffer.getvalue())
+    figure.savefig(buffer, format="png", metadata={MARKER_KEY: MARKER}, **savefig)
+    if image_format(path) == "PNG":
+        return atomic_write_bytes(path, buffer.getvalue())
+    with Image.open(buffer) as rendered:
+        return save_image(rendered.convert("RGB"), path)
 
 
 def panel(

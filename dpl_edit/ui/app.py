@@ -11,6 +11,8 @@ the CLI prints it, anything else as a short note (the traceback goes to the serv
 from __future__ import annotations
 
 import logging
+import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -271,9 +273,11 @@ def build_app(
             request: gr.Request,
             progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 (Gradio's API)
         ) -> list[Any]:
-            start = time.perf_counter()
+            start, fresh = time.perf_counter(), None
             try:
-                folder = current.folder if current else Path(tempfile.mkdtemp(prefix="dpl-ui-"))
+                if current is None:
+                    fresh = Path(tempfile.mkdtemp(prefix="dpl-ui-"))
+                folder = current.folder if current else fresh
                 masks, source_file = None, None
                 if index is not None:
                     image, masks = scenes[index].image, scenes[index].masks
@@ -291,6 +295,8 @@ def build_app(
                     result = invert_input(model, image, invert_request, folder, masks,
                                           model_args, source_file)  # fmt: skip
             except Exception as exc:
+                if fresh is not None:  # a first inversion that failed leaves no folder behind
+                    shutil.rmtree(fresh, ignore_errors=True)
                 return [gr.skip()] * 5 + [status_line(exc)]
             seconds = time.perf_counter() - start
             files = [str(path) for path in result.session.downloads]
@@ -349,6 +355,29 @@ def build_app(
     return demo
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+"""Hosts that only this machine reaches: the default, served without a warning."""
+
+
+def served_address(host: str, port: int) -> str:
+    """The address the app listens on, as it is: for 0.0.0.0 or :: every interface (which
+    Gradio would print as localhost), named by this machine's host name."""
+    if host in ("0.0.0.0", "::"):
+        return f"http://{socket.gethostname()}:{port}/ (every interface of this machine: {host})"
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+
+
+def exposure_warning(host: str, share: bool, auth: bool, address: str) -> str | None:
+    """The warning for an app that others can reach without logging in (None when only this
+    machine can, or everyone must log in)."""
+    if auth or (host in LOOPBACK and not share):
+        return None
+    return (
+        f"warning: the app has no authentication and anyone who can reach {address} can use "
+        "it; use --auth USER:PASS on a shared network"
+    )
+
+
 def serve(
     model: str | None = None,
     device: str = "auto",
@@ -358,10 +387,14 @@ def serve(
     share: bool = False,
     cuda_graphs: bool = False,
     channels_last: bool = False,
+    auth: tuple[str, str] | None = None,
 ) -> str:
     """Start the app (the model loads in the background), print its address, serve until
     interrupted; returns the address. A setting the model cannot take (`cuda_graphs` or
-    `channels_last` off a GPU) is refused before anything starts."""
+    `channels_last` off a GPU) is refused before anything starts. `auth` (user, password)
+    makes every visitor log in (Gradio's login); without it, a `host` other than this
+    machine's loopback address is served with a warning that anyone who reaches it can use
+    the app."""
     check_gpu_options(resolve_device(device), cuda_graphs, channels_last)
     holder = ModelHolder(lambda: load_model(model, device, dtype, cuda_graphs, channels_last))
     holder.start()
@@ -374,10 +407,13 @@ def serve(
     demo.queue(default_concurrency_limit=1)
     try:
         demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
-                    quiet=True, footer_links=[])  # fmt: skip
+                    quiet=True, footer_links=[], auth=auth)  # fmt: skip
     except OSError as exc:  # the port is taken, or the address is not this machine's
         raise DplError(f"cannot serve on {host}:{port}: {exc}") from None
-    address = demo.share_url or demo.local_url
+    address = demo.share_url or served_address(host, demo.server_port)
+    warning = exposure_warning(host, share, auth is not None, address)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     print(f"dpl ui: {address}", flush=True)
     demo.block_thread()
     return address

@@ -29,7 +29,7 @@ from dpl_edit.engine.artifact import Inversion
 from dpl_edit.engine.edit import edit
 from dpl_edit.engine.inversion import invert, reconstruction_image
 from dpl_edit.engine.model import LoadedModel
-from dpl_edit.engine.settings import EditSettings, InversionSettings, TargetTokens
+from dpl_edit.engine.settings import MAX_SEED, EditSettings, InversionSettings, TargetTokens
 from dpl_edit.engine.text import bare_word
 from dpl_edit.errors import DplError
 from dpl_edit.io.atomic import atomic_write_bytes
@@ -196,6 +196,8 @@ def invert_input(
     """
     if request.method not in METHOD_CHOICES:
         raise DplError(f"unknown method '{request.method}' (use {', '.join(METHOD_CHOICES)})")
+    if not 0 <= request.seed <= MAX_SEED:
+        raise DplError(f"the seed must be between 0 and {MAX_SEED}, got {request.seed}")
     folder.mkdir(parents=True, exist_ok=True)
     words = _parse_words(request.words)
     inversions: dict[str, Inversion] = {}
