@@ -318,6 +318,12 @@ _EDIT_SWEEP = (
     ("s00", "no self-attention injection", {"self_replace_steps": 0.0}),
     ("b02", "local-blend threshold 0.2", {"blend_threshold": 0.2}),
     ("b05", "local-blend threshold 0.5", {"blend_threshold": 0.5}),
+    ("r16", "local-blend mask from the 16x16 maps", {"blend_res": 16}),
+    (
+        "r16b05",
+        "local-blend mask from the 16x16 maps, threshold 0.5",
+        {"blend_res": 16, "blend_threshold": 0.5},
+    ),
 )
 """One edit setting moved at a time from the shared P2P settings, for NTI and DPL alike, so
 that each method's own best edit settings are chosen on validation (the rows share each

@@ -22,7 +22,12 @@ from tqdm.auto import tqdm
 
 from dpl_edit.engine.align import refinement_mapper, replacement_mapper
 from dpl_edit.engine.artifact import Inversion
-from dpl_edit.engine.attention import AttentionController, CrossAttentionStore, controlled_attention
+from dpl_edit.engine.attention import (
+    AttentionController,
+    CrossAttentionStore,
+    attention_layers,
+    controlled_attention,
+)
 from dpl_edit.engine.ddim import Ddim, denoise_beside_source, denoise_step
 from dpl_edit.engine.model import LoadedModel
 from dpl_edit.engine.p2p import (
@@ -137,6 +142,7 @@ def _blend(
     steps: int,
     start: float,
     threshold: float,
+    res: int,
 ) -> LocalBlend:
     source_positions, target_positions = [], []
     for word in words:
@@ -148,7 +154,7 @@ def _blend(
         target_positions += in_target
     return LocalBlend(
         store,
-        model.defaults.blend_res,
+        res,
         source_positions,
         target_positions,
         start_step=int(start * steps),
@@ -178,6 +184,7 @@ def plan_edit(
     self_replace_max_res: int | None = None,
     blend_threshold: float = EditSettings.blend_threshold,
     blend_start: float = EditSettings.blend_start,
+    blend_res: int | None = EditSettings.blend_res,
 ) -> EditPlan:
     """Check an edit of `source` into `target` and build its controllers, before any UNet work.
 
@@ -193,12 +200,17 @@ def plan_edit(
         "self_max_res": self_replace_max_res or model.latent_size // 2,
     }
     controller = _build_controller(model, source, target, mode, reweight or {}, windows)
-    resolutions = [model.defaults.cross_attention_res, model.defaults.blend_res]
+    blend_res = blend_res or model.defaults.blend_res
+    levels = sorted({a.res for a in attention_layers(model.unet).values() if a.is_cross})
+    if blend_res not in levels:
+        have = ", ".join(f"{r}x{r}" for r in levels)
+        raise DplError(f"blend resolution {blend_res}: this model has cross-attention at {have}")
+    resolutions = [model.defaults.cross_attention_res, blend_res]
     store = CrossAttentionStore(resolutions, rows="conditional")
     local_blend = None
     if blend:
         local_blend = _blend(
-            model, store, source, target, blend, steps, blend_start, blend_threshold
+            model, store, source, target, blend, steps, blend_start, blend_threshold, blend_res
         )
     return EditPlan(store, controller, local_blend)
 
@@ -238,6 +250,7 @@ def edit(
     guidance: float | None = None,
     progress: bool = True,
     target_tokens: TargetTokens = EditSettings.target_tokens,
+    blend_res: int | None = EditSettings.blend_res,
 ) -> EditResult:
     """Edit the inverted image towards `target` with Prompt-to-Prompt.
 
@@ -271,6 +284,7 @@ def edit(
         self_replace_max_res,
         blend_threshold,
         blend_start,
+        blend_res,
     )
     store, local_blend = plan.store, plan.local_blend
     # The store comes first so it records each branch's own maps, before the edit rewrites them.

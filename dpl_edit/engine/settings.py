@@ -89,5 +89,9 @@ class EditSettings:
     blend_threshold: float = 0.3
     blend_start: float = 0.2
     """Fraction of steps after which local blending starts."""
+    blend_res: int | None = None
+    """Side of the cross-attention maps the local-blend mask is cut from; None: the model's
+    `blend_res` (dpl_defaults.json). A finer level gives a tighter mask: one cell of the
+    mask, and its 3x3 dilation, covers fewer pixels around the edited object."""
     target_tokens: TargetTokens = "learned"
     """The paper's: the target prompt reads DPL's learned vectors too (see `TargetTokens`)."""
