@@ -424,3 +424,17 @@ def test_edit_sweep_rows_change_one_edit_setting_and_share_the_inversion(
             assert arguments != shared, name
     assert runner.edit_arguments(rows["nti-c04"], SETTINGS)["cross_replace_steps"] == 0.4
     assert runner.edit_arguments(rows["nti"], SETTINGS)["self_replace_steps"] == 0.5
+
+
+def test_a_run_never_writes_into_a_folder_of_the_users(world_model: LoadedModel, tmp_path: Path):
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("years of work")
+    scenes = world_split("val", 1)
+    with pytest.raises(DplError, match="did not write"):
+        runner.run_bench(world_model, scenes, mine, ["ddim"], SETTINGS, progress=False)
+    assert [p.name for p in mine.iterdir()] == ["thesis.txt"]
+    out = tmp_path / "results"
+    runner.run_bench(world_model, scenes, out, ["ddim"], SETTINGS, progress=False)
+    assert (out / runner.MARKER_FILE).is_file()
+    runner.run_bench(world_model, scenes, out, ["ddim"], SETTINGS, progress=False)  # resumes

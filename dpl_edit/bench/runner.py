@@ -67,6 +67,7 @@ from dpl_edit.errors import DplError
 from dpl_edit.io.atomic import atomic_write_bytes
 from dpl_edit.io.images import prepare_image, save_png
 from dpl_edit.io.names import safe_stem
+from dpl_edit.io.targets import check_location
 from dpl_edit.metrics import DEFAULT_THRESHOLDS, DEFINITIONS, iou_curve, leakage, psnr, ssim
 from dpl_edit.world import checker
 from dpl_edit.world import synthetic as world
@@ -502,6 +503,7 @@ def run_bench(
         except DplError as e:
             raise DplError(f"scene '{scene.id}': {e}") from None
     out_dir = Path(out_dir)
+    claim_results_folder(out_dir)
     store = SceneStore(out_dir, {**asdict(settings), "model": model.identity})
     names = [m.name for m in chosen]
     configs = {m.name: method_config(model, m) for m in chosen}
@@ -565,6 +567,29 @@ def failure_rows(
                 rows.append(replace(row, scene_id=label))
                 found += 1
     return rows
+
+
+MARKER_FILE = "bench.json"
+"""Written first into a results folder: what says the folder is the benchmark's to write in."""
+
+
+def claim_results_folder(out_dir: Path) -> None:
+    """Make `out_dir` a results folder, or refuse it: a run writes only into a new or empty
+    folder, or one a run made (its marker, or a report and scene files from before markers);
+    a folder with anything else in it is the user's and is never written into."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DplError(f"'{out_dir}' exists and is not a folder; choose another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        names = {p.name for p in out_dir.iterdir()}
+        made = MARKER_FILE in names or {"scenes", "aggregate.json"} <= names
+        if not made:
+            raise DplError(
+                f"'{out_dir}' holds files the benchmark did not write; choose another --out"
+            )
+        if MARKER_FILE in names:
+            return
+    check_location(out_dir)
+    write_json(out_dir / MARKER_FILE, {"made_by": "dpl-edit bench"})
 
 
 def report_from_store(
