@@ -325,9 +325,10 @@ _EDIT_SWEEP = (
         {"blend_res": 16, "blend_threshold": 0.5},
     ),
 )
-"""One edit setting moved at a time from the shared P2P settings, for NTI and DPL alike, so
-that each method's own best edit settings are chosen on validation (the rows share each
-scene's inversion with their method's default row)."""
+"""One edit setting moved at a time from the shared P2P settings (and the finer blend mask
+with a higher threshold), for NTI and both DPLs alike, so that each method's own best edit
+settings are chosen on validation (the rows share each scene's inversion with their method's
+default row)."""
 _BY_NAME = {m.name: m for m in _TABLE}
 _TABLE += tuple(
     replace(
@@ -336,7 +337,7 @@ _TABLE += tuple(
         description=f"{_BY_NAME[base].description}; {what}",
         edit_switches={**(_BY_NAME[base].edit_switches or {}), **switches},
     )
-    for base in ("nti", "dpl")
+    for base in ("nti", "dpl", "dpl-paper")
     for suffix, what, switches in _EDIT_SWEEP
 )
 METHODS: dict[str, BenchMethod] = {m.name: m for m in _TABLE}
