@@ -33,7 +33,7 @@ browser:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 
 bench: $(STAMP)
-	$(BIN)/dpl bench --split test --limit 20 --out bench/results
+	$(BIN)/dpl bench --split val --per-category 2 --out bench/results
 
 speed: $(STAMP)
 	$(BIN)/python -m dpl_edit.bench.speed --steps 50 --out bench/speed
