@@ -632,13 +632,13 @@ def rescore(
     out_dir = Path(out_dir)
     first = json.loads((out_dir / "scenes" / f"{safe_stem(scenes[0].id)}.json").read_text())
     store = SceneStore(out_dir, first["settings"])
-    names = list(first["methods"])
+    records = [store.load(scene.id) for scene in scenes]
+    # The rows every scene has (a row run on only some scenes would make tables of unequal sets).
+    names = [n for n in first["methods"] if all(n in r["methods"] for r in records)]
+    if not names:
+        raise DplError(f"no method has results for all {len(scenes)} scenes in '{out_dir}'")
     resolution = 0
-    for scene in tqdm(scenes, desc="rescore", unit="scene"):
-        record = store.load(scene.id)
-        missing = [n for n in names if n not in record["methods"]]
-        if missing:
-            raise DplError(f"scene '{scene.id}' has no results for {', '.join(missing)}")
+    for scene, record in zip(tqdm(scenes, desc="rescore", unit="scene"), records, strict=True):
         for name in names:
             edited = store.edit_image(scene.id, name)
             resolution = edited.shape[0]
