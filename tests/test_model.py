@@ -343,3 +343,22 @@ def test_the_scheduler_config_gives_the_noise_schedule(tiny_model_dir, sd1_dir, 
     config_file.write_text(json.dumps({**config, "prediction_type": "sample"}))
     with pytest.raises(DplError, match="unsupported prediction type 'sample'"):
         load_model(copy)
+
+
+def test_a_cached_hub_snapshot_loads_by_its_id(fp16_dir, tmp_path, monkeypatch):
+    """The hub cache's layout: a snapshot folder of links into content-addressed blobs."""
+    repo = tmp_path / "hub" / "models--someone--tiny-sd"
+    commit = "0" * 40
+    (repo / "blobs").mkdir(parents=True)
+    for i, file in enumerate(sorted(p for p in fp16_dir.rglob("*") if p.is_file())):
+        blob = repo / "blobs" / f"{i:064x}"
+        shutil.copy(file, blob)
+        link = repo / "snapshots" / commit / file.relative_to(fp16_dir)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(blob)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    model = load_model("someone/tiny-sd")
+    assert model.identity.startswith("someone/tiny-sd@")
+    assert same_model(model.identity, load_model(fp16_dir).identity)
