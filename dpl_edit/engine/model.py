@@ -700,6 +700,7 @@ def _lists_safety_checker(folder: Path, index: dict[str, Any]) -> bool:
 
 
 def _load_safety_check(folder: Path, variant: str | None, dtype: torch.dtype) -> SafetyCheck:
+    # Imported here: only folders with a safety checker pay for CLIP's vision model.
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPImageProcessorPil
 
