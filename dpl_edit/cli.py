@@ -104,6 +104,9 @@ def _add_common(
     group = parser.add_argument_group("common options")
     if model:
         _add_model_options(group)
+        group.add_argument("--variant", metavar="NAME",
+                           help="weight files to load, e.g. fp16 for *.fp16.safetensors "
+                           "(default: the plain ones, else the folder's only variant)")  # fmt: skip
         group.add_argument("--threads", type=int, metavar="N",
                            help="CPU threads (default: the model's `threads`, for edits "
                            "its `edit_threads`, in dpl_defaults.json, else torch's choice)")  # fmt: skip
@@ -376,7 +379,9 @@ def _load_model(args: argparse.Namespace):
     torch.manual_seed(args.seed)
     if args.threads is not None and args.threads < 1:  # before the model loads
         raise DplError("--threads must be at least 1")
-    model = load_model(args.model, args.device, args.dtype, args.cuda_graphs, args.channels_last)
+    model = load_model(
+        args.model, args.device, args.dtype, args.cuda_graphs, args.channels_last, args.variant
+    )
     use_threads(model, args.threads)
     return model
 
@@ -663,6 +668,7 @@ def _executor(args: argparse.Namespace, model) -> Any:
         args.dtype,
         args.cuda_graphs,
         args.channels_last,
+        args.variant,
     )
     return make_executor(model, spec, args.workers, args.ray, args.gpus_per_job)
 

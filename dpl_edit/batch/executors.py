@@ -42,6 +42,7 @@ class ModelSpec:
     dtype: str = "float32"
     cuda_graphs: bool = False
     channels_last: bool = False
+    variant: str | None = None
 
     def load(self) -> LoadedModel:
         return load_model(
@@ -50,6 +51,7 @@ class ModelSpec:
             dtype=self.dtype,
             cuda_graphs=self.cuda_graphs,
             channels_last=self.channels_last,
+            variant=self.variant,
         )
 
 

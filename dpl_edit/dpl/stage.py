@@ -52,7 +52,7 @@ from dpl_edit.engine.attention import (
     Recorder,
     SelfAttentionStore,
     StopAfter,
-    attention_layers,
+    attention_levels,
     controlled_attention,
     last_layer,
 )
@@ -160,14 +160,16 @@ def initial_vectors(model: LoadedModel, words: Sequence[str]) -> torch.Tensor:
     return table[ids].detach().float().clone()
 
 
-def _check_resolution(model: LoadedModel, res: int, cross: bool, what: str) -> None:
-    layers = attention_layers(model.unet).values()
-    if not any(layer.is_cross == cross and layer.res == res for layer in layers):
-        kind = "cross" if cross else "self"
-        raise DplError(
-            f"this model has no {kind}-attention at {res}x{res} for {what}; set "
-            f"{kind}_attention_res in the model's dpl_defaults.json"
-        )
+def _check_loss_levels(model: LoadedModel, levels: Sequence[int]) -> None:
+    """Refuse a loss level where the model has no cross-attention (`--loss-res`), naming the
+    ones it has. The model's own levels were checked when it loaded."""
+    have = attention_levels(model.unet, cross=True)
+    for res in levels:
+        if res not in have:
+            raise DplError(
+                f"this model has no cross-attention at {res}x{res} for DPL's losses; it has "
+                f"cross-attention at {', '.join(f'{r}x{r}' for r in have)}"
+            )
 
 
 def default_config(model: LoadedModel) -> DplLossConfig:
@@ -417,8 +419,7 @@ class DplPlan:
         chosen = choose_words(model, prompt, words)
         groups = word_token_groups(model, prompt, chosen)
         levels = loss_levels(model, config)
-        for res in levels:
-            _check_resolution(model, res, cross=True, what="DPL's losses")
+        _check_loss_levels(model, levels)
         if no_bg:
             config = replace(config, use_bg=False)
         wants_bg = config.use_bg and config.lambda_bg > 0
@@ -432,9 +433,7 @@ class DplPlan:
             user_mask = load_mask_png(bg_mask, max(levels), background.resample)
             source = "file"
         elif wants_bg:
-            sa_res = model.defaults.self_attention_res
-            _check_resolution(model, sa_res, cross=False, what="background estimation")
-            self_store = SelfAttentionStore(sa_res)
+            self_store = SelfAttentionStore(model.defaults.self_attention_res)
             source = "estimated"
         return cls(model, prompt, chosen, groups, config, background, user_mask, self_store, source)
 

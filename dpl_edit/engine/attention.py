@@ -63,6 +63,13 @@ def attention_layers(unet: UNet2DConditionModel) -> dict[str, AttnLayer]:
     return layers
 
 
+def attention_levels(unet: UNet2DConditionModel, cross: bool) -> list[int]:
+    """The side lengths at which the UNet has cross- (or self-) attention layers, ascending."""
+    return sorted(
+        {layer.res for layer in attention_layers(unet).values() if layer.is_cross == cross}
+    )
+
+
 class AttentionController:
     """Base class: sees the probabilities of the layers it wants; may return modified ones.
 

@@ -21,7 +21,8 @@ class Ddim:
         self.timesteps: list[int] = [int(t) for t in scheduler.timesteps]
         self.stride = scheduler.config.num_train_timesteps // steps
         self.alphas_cumprod = scheduler.alphas_cumprod.double()
-        self.final_alpha = float(self.alphas_cumprod[0])  # set_alpha_to_one=False, as in SD
+        # alpha-bar past the last step: the first one for SD (set_alpha_to_one=False), else 1.
+        self.final_alpha = float(scheduler.final_alpha_cumprod)
         self.prediction_type: str = scheduler.config.prediction_type
 
     def alpha(self, t: int) -> float:

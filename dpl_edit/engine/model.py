@@ -1,15 +1,18 @@
 """Loading a diffusers Stable Diffusion folder into the pieces the engine needs.
 
-We load the four components directly rather than through `StableDiffusionPipeline`: the engine
-drives its own step loops, needs no safety checker, and must work for any UNet2DConditionModel
-layout (SD 1.x, 2.x, or the small bundled model). Everything is frozen, because inversion and DPL
-optimise embeddings only; gradients into the weights would just waste memory and time.
+We load the components directly rather than through `StableDiffusionPipeline`: the engine
+drives its own step loops (DDIM built from the folder's noise schedule, whatever scheduler it
+ships) and must work for any UNet2DConditionModel layout (SD 1.x, 2.x, or the small bundled
+model). Everything is frozen, because inversion and DPL optimise embeddings only; gradients
+into the weights would just waste memory and time. Folders of other pipelines (SDXL,
+inpainting, ...) are refused before any weights are read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import diffusers
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
@@ -25,7 +29,12 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
-from dpl_edit.engine.attention import Recorder, controlled_attention
+from dpl_edit.engine.attention import (
+    Recorder,
+    attention_layers,
+    attention_levels,
+    controlled_attention,
+)
 from dpl_edit.engine.graphs import GraphedCalls
 from dpl_edit.engine.settings import BUNDLED_MODEL, BUNDLED_MODELS, DEVICES, DTYPES
 from dpl_edit.engine.timers import timed
@@ -35,15 +44,22 @@ from dpl_edit.io.images import tensor_to_arrays
 DEFAULTS_FILE = "dpl_defaults.json"
 _DTYPES = {name: getattr(torch, name) for name in DTYPES}
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
+_WEIGHTED = ("unet", "vae", "text_encoder")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _NOT_SD = "give a local diffusers Stable Diffusion folder instead"
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+"""`_class_name`s of model_index.json that `load_model` reads: Stable Diffusion 1.x and 2.x."""
+_SUPPORTED = "dpl-edit supports Stable Diffusion 1.x and 2.x folders (StableDiffusionPipeline)"
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ModelDefaults:
     """Per-model attention resolutions (spatial side lengths) and object words.
 
-    SD 1.x picks cross-attention at 16x16 and self-attention at 32x32 for a 64x64 latent; a small
-    model with 16x16 latents needs other sizes, so a model folder may override them.
+    The resolutions come from the UNet (`derived`): for SD 1.x and 2.x, cross-attention at
+    16x16 and self-attention at 32x32 for a 64x64 latent, as in the papers; a model folder may
+    override them in its `dpl_defaults.json`.
     """
 
     cross_attention_res: int
@@ -70,9 +86,24 @@ class ModelDefaults:
     `threads`."""
 
     @classmethod
-    def for_latent_size(cls, latent_size: int) -> ModelDefaults:
-        """SD's choice, expressed relative to the latent size."""
-        return cls(latent_size // 4, latent_size // 2, latent_size // 4)
+    def derived(cls, unet: UNet2DConditionModel) -> ModelDefaults:
+        """SD's choice, found where this UNet's attention layers are: cross-attention maps (and
+        the local blend) at the coarsest level with cross-attention outside the mid block (16
+        of SD's 64, 32 and 16), self-attention at the next finer level that has it (32).
+
+        The mid block counts only when nothing else has cross-attention: P2P and DPL read the
+        levels shared by the down and up paths, where the maps have been refined on the way up.
+        """
+        layers = attention_layers(unet)
+        cross = [layer.res for layer in layers.values() if layer.is_cross]
+        if not cross:
+            raise DplError(f"this UNet has no cross-attention layers; {_NOT_SD}")
+        outside_mid = [layer.res for name, layer in layers.items()
+                       if layer.is_cross and not name.startswith("mid_block.")]  # fmt: skip
+        cross_res = min(outside_mid or cross)
+        finer = [layer.res for layer in layers.values()
+                 if not layer.is_cross and layer.res > cross_res]  # fmt: skip
+        return cls(cross_res, min(finer, default=cross_res), cross_res)
 
 
 @dataclass
@@ -91,6 +122,8 @@ class LoadedModel:
     defaults: ModelDefaults
     device: torch.device
     dtype: torch.dtype
+    safety: SafetyCheck | None = None
+    """The folder's safety checker, applied to every decoded image, when it has one."""
     unet_evals: int = field(default=0)
     graphs: GraphedCalls | None = None
     """CUDA graphs of the inversion's pure UNet calls, when `use_cuda_graphs` turned them on."""
@@ -107,10 +140,10 @@ class LoadedModel:
         identity: str,
         device: torch.device,
         dtype: torch.dtype,
-        defaults: Callable[[int], ModelDefaults] = ModelDefaults.for_latent_size,
+        defaults: Callable[[UNet2DConditionModel], ModelDefaults] = ModelDefaults.derived,
     ) -> LoadedModel:
         """Wrap loaded components, reading the latent size, image resolution and latent scale
-        from their configs; `defaults` gets the latent size (a folder's file, else SD's)."""
+        from their configs; `defaults` gets the UNet (a folder's file, else SD's choice)."""
         sample_size = unet.config.sample_size
         latent_size = int(sample_size if isinstance(sample_size, int) else sample_size[0])
         vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -124,7 +157,7 @@ class LoadedModel:
             resolution=latent_size * vae_factor,
             latent_size=latent_size,
             scaling_factor=float(vae.config.scaling_factor),
-            defaults=defaults(latent_size),
+            defaults=defaults(unet),
             device=device,
             dtype=dtype,
         )
@@ -213,9 +246,30 @@ class LoadedModel:
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
-        """Scaled latents -> RGB images."""
+        """Scaled latents -> RGB images (through the safety checker, when there is one)."""
         pixels = self.vae.decode(latents.to(self.dtype) / self.scaling_factor).sample
-        return [Image.fromarray(array) for array in tensor_to_arrays(pixels)]
+        arrays = tensor_to_arrays(pixels)
+        if self.safety is not None:
+            arrays = self.safety(arrays)
+        return [Image.fromarray(array) for array in arrays]
+
+
+@dataclass
+class SafetyCheck:
+    """A folder's safety checker and its feature extractor, used as `StableDiffusionPipeline`
+    uses them: an image the checker flags is returned black."""
+
+    checker: torch.nn.Module
+    features: Any
+    """The image processor that makes the checker's CLIP input (the folder's feature_extractor)."""
+
+    def __call__(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        param = next(self.checker.parameters())
+        clip_input = self.features(
+            [Image.fromarray(array) for array in arrays], return_tensors="pt"
+        ).pixel_values.to(param.device, param.dtype)
+        _, flagged = self.checker(images=np.stack(arrays), clip_input=clip_input)
+        return [np.zeros_like(a) if bad else a for a, bad in zip(arrays, flagged, strict=True)]
 
 
 def available_cores() -> int:
@@ -362,18 +416,20 @@ def _cached_hub_folder(hub_id: str) -> Path:
         ) from None
 
 
-def _identity(folder: Path, name: str) -> str:
+def _identity(folder: Path, name: str, variants: dict[str, str | None]) -> str:
     """Stable id: name plus a hash of the UNet/text-encoder/VAE configs and weights.
 
     Retrained weights of the same architecture must get a new id (stored inversions and
     benchmark results are refused across models), so weight contents count, not only sizes.
     Files up to 64 MiB are hashed whole; larger ones (SD's multi-GB UNets) by four 1 MiB
     samples spread over the file plus the size, which keeps loading instant and still changes
-    with any retraining (every tensor moves).
+    with any retraining (every tensor moves). Only the weights of the loaded `variants` count.
     """
     digest = hashlib.sha256()
     for component in ("unet", "text_encoder", "vae"):  # load_model checked they exist
         for file in sorted((folder / component).iterdir()):
+            if _is_weights(file) and _file_variant(file.name) != variants[component]:
+                continue
             if file.name == "config.json":
                 config = json.loads(file.read_text())
                 config = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -402,17 +458,19 @@ def same_model(identity_a: str, identity_b: str) -> bool:
     return identity_a.rsplit("@", 1)[-1] == identity_b.rsplit("@", 1)[-1]
 
 
-def _read_defaults(folder: Path, latent_size: int) -> ModelDefaults:
-    base = ModelDefaults.for_latent_size(latent_size)
+def _read_defaults(folder: Path, unet: UNet2DConditionModel) -> ModelDefaults:
+    """The folder's `dpl_defaults.json` over the defaults derived from its UNet; an attention
+    resolution there must be one where the UNet has attention of that kind."""
+    base = ModelDefaults.derived(unet)
     file = folder / DEFAULTS_FILE
     if not file.is_file():
         return base
     try:
         data = json.loads(file.read_text())
-        return ModelDefaults(
+        defaults = ModelDefaults(
             cross_attention_res=int(data.get("cross_attention_res", base.cross_attention_res)),
             self_attention_res=int(data.get("self_attention_res", base.self_attention_res)),
-            blend_res=int(data.get("blend_res", base.blend_res)),
+            blend_res=int(data.get("blend_res", data.get("cross_attention_res", base.blend_res))),
             object_words=tuple(str(w) for w in data.get("object_words", [])),
             vocabulary=tuple(str(w).lower() for w in data.get("vocabulary", [])),
             dpl=tuple(
@@ -424,6 +482,17 @@ def _read_defaults(folder: Path, latent_size: int) -> ModelDefaults:
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise DplError(f"{file} is not valid: {exc}") from None
+    for key, cross in (("cross_attention_res", True), ("self_attention_res", False),
+                       ("blend_res", True)):  # fmt: skip
+        levels = attention_levels(unet, cross)
+        if getattr(defaults, key) not in levels:
+            kind = "cross" if cross else "self"
+            raise DplError(
+                f"{file}: {key} {getattr(defaults, key)} is not a resolution where this model "
+                f"has {kind}-attention ({', '.join(map(str, levels))}); remove it to use "
+                f"{getattr(base, key)}"
+            )
+    return defaults
 
 
 def sd_ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
@@ -441,22 +510,39 @@ def sd_ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
 
 
 def _scheduler(folder: Path) -> DDIMScheduler:
-    """DDIM with SD's training schedule; only the prediction type comes from the model."""
-    prediction_type = "epsilon"
+    """DDIM with the noise schedule of the folder's scheduler, whichever class it is (SD 1.x
+    ships PNDM, others Euler or DPM-Solver): betas, timestep spacing, final alpha and
+    prediction type are the model's; the sampler is always DDIM, which inversion needs.
+
+    As `StableDiffusionPipeline` runs it: steps offset by 1 and x0 never clipped (the
+    pipeline rewrites older configs so), and never thresholded either, since a clipped x0
+    cannot be inverted. Without a scheduler config: SD's schedule (`sd_ddim_scheduler`)."""
     config_file = folder / "scheduler" / "scheduler_config.json"
-    if config_file.is_file():
-        prediction_type = json.loads(config_file.read_text()).get("prediction_type", "epsilon")
+    if not config_file.is_file():
+        return sd_ddim_scheduler()
+    try:
+        config = json.loads(config_file.read_text())
+        prediction_type = config.get("prediction_type", "epsilon")
+    except (ValueError, AttributeError) as exc:
+        raise DplError(f"{config_file} is not valid: {exc}") from None
     if prediction_type not in ("epsilon", "v_prediction"):
         raise DplError(f"unsupported prediction type '{prediction_type}' in {config_file}")
-    return sd_ddim_scheduler(prediction_type)
+    try:
+        with _quiet_loading():
+            return DDIMScheduler.from_config(
+                config, steps_offset=1, clip_sample=False, thresholding=False
+            )
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        raise DplError(f"{config_file} is not valid: {exc}") from None
 
 
 @contextmanager
 def _quiet_loading() -> Iterator[None]:
-    """Silence the libraries' per-file progress bars and advice while loading."""
+    """Silence the libraries' per-file progress bars, advice and logged errors while loading:
+    a failed load raises, and becomes one `DplError` line (diffusers also logs it first)."""
     levels = (diffusers_logging.get_verbosity(), transformers_logging.get_verbosity())
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    transformers_logging.set_verbosity(transformers_logging.CRITICAL)
     transformers_logging.disable_progress_bar()
     try:
         yield
@@ -502,46 +588,184 @@ def save_model_folder(
     return folder
 
 
+def _read_index(folder: Path) -> dict[str, Any]:
+    """The folder's model_index.json, refusing any pipeline but `SUPPORTED_PIPELINES` and
+    any SD folder whose UNet is not a text-to-image one, before a weight is read."""
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise DplError(
+            f"'{folder}' is not a diffusers Stable Diffusion model (it has no model_index.json);"
+            f" {_NOT_SD}"
+        )
+    try:
+        index = json.loads(index_file.read_text())
+        pipeline = index.get("_class_name")
+    except (ValueError, AttributeError) as exc:
+        raise DplError(f"{index_file} is not valid: {exc}") from None
+    if pipeline is not None and pipeline not in SUPPORTED_PIPELINES:
+        raise DplError(f"'{folder}' holds a {pipeline}, which dpl-edit cannot edit; {_SUPPORTED}")
+    missing = [c for c in _COMPONENTS if not (folder / c).is_dir()]
+    if missing:
+        raise DplError(
+            f"'{folder}' is not a diffusers Stable Diffusion model (it lacks "
+            f"{', '.join(missing)}); {_NOT_SD}"
+        )
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        shape = (unet.get("in_channels", 4), unet.get("out_channels", 4))
+        extra = unet.get("addition_embed_type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DplError(
+            f"cannot read '{folder / 'unet' / 'config.json'}' ({exc}); {_NOT_SD}"
+        ) from None
+    if shape[0] != shape[1] or extra is not None:
+        what = f"{shape[0]} input channels" if extra is None else f"'{extra}' conditioning"
+        raise DplError(
+            f"'{folder}' has a UNet with {what}, not a text-to-image Stable Diffusion UNet; "
+            f"{_SUPPORTED}"
+        )
+    return index
+
+
+def _is_weights(file: Path) -> bool:
+    return file.name.endswith(_WEIGHT_SUFFIXES) and file.is_file()
+
+
+def _file_variant(name: str) -> str | None:
+    """The variant a weight file belongs to, from its name as diffusers and transformers write
+    it: `model.fp16.safetensors` and `model.fp16-00001-of-00002.safetensors` are "fp16",
+    `model.safetensors` and `model-00001-of-00002.safetensors` the plain weights (None)."""
+    parts = name.split(".")
+    return parts[-2].split("-")[0] if len(parts) > 2 else None
+
+
+def _weight_variants(directory: Path) -> set[str | None]:
+    if not directory.is_dir():
+        return set()
+    return {_file_variant(file.name) for file in directory.iterdir() if _is_weights(file)}
+
+
+def _describe(variants: set[str | None]) -> str:
+    return ", ".join(sorted("plain" if v is None else repr(v) for v in variants))
+
+
+def _choose_variants(
+    folder: Path, variant: str | None, components: Sequence[str] = _WEIGHTED
+) -> dict[str, str | None]:
+    """The weight variant each component loads: `variant` where the component has it, else
+    its plain weights (as diffusers' pipelines fall back). Without `variant`, the plain
+    weights, or the one variant the folder holds where a component has no plain ones."""
+    found = {component: _weight_variants(folder / component) for component in components}
+    empty = [component for component, variants in found.items() if not variants]
+    if empty:
+        raise DplError(f"'{folder}' has no weights in {', '.join(empty)}; {_NOT_SD}")
+    if variant is None:
+        needed = set().union(*(v for v in found.values() if None not in v))
+        if len(needed) > 1:
+            raise DplError(
+                f"'{folder}' holds its weights in the variants {_describe(needed)}; choose one "
+                "with --variant"
+            )
+        variant = next(iter(needed), None)
+    elif not any(variant in variants for variants in found.values()):
+        every = set().union(*found.values())
+        raise DplError(f"'{folder}' has no '{variant}' weights (it has {_describe(every)})")
+    chosen = {}
+    for component, variants in found.items():
+        if variant not in variants and None not in variants:
+            raise DplError(
+                f"'{folder}' has no '{variant}' or plain weights in {component} (it has "
+                f"{_describe(variants)})"
+            )
+        chosen[component] = variant if variant in variants else None
+    return chosen
+
+
+def _lists_safety_checker(folder: Path, index: dict[str, Any]) -> bool:
+    """Whether the folder has a safety checker to load: model_index.json lists one, and its
+    weights and feature extractor are there. Listed without them, it is skipped with a
+    one-line note, as diffusers loads such a folder when told `safety_checker=None`."""
+    if not isinstance(index.get("safety_checker"), list) or None in index["safety_checker"]:
+        return False
+    lacking = [part for part, present in (
+        ("weights", bool(_weight_variants(folder / "safety_checker"))),
+        ("feature extractor", (folder / "feature_extractor").is_dir()),
+    ) if not present]  # fmt: skip
+    if lacking:
+        _log.warning(
+            "note: '%s' lists a safety checker without its %s; images are not checked",
+            folder, " and ".join(lacking),
+        )  # fmt: skip
+    return not lacking
+
+
+def _load_safety_check(folder: Path, variant: str | None, dtype: torch.dtype) -> SafetyCheck:
+    # Imported here: only folders with a safety checker pay for CLIP's vision model.
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPImageProcessorPil
+
+    checker = StableDiffusionSafetyChecker.from_pretrained(
+        folder / "safety_checker", variant=variant, dtype=dtype, local_files_only=True
+    )
+    features = CLIPImageProcessorPil.from_pretrained(folder / "feature_extractor")
+    return SafetyCheck(checker.requires_grad_(False).eval(), features)
+
+
 def load_model(
     path_or_hub_id: str | os.PathLike | None = None,
     device: str = "cpu",
     dtype: str = DTYPES[0],
     cuda_graphs: bool = False,
     channels_last: bool = False,
+    variant: str | None = None,
+    safety_checker: bool = True,
 ) -> LoadedModel:
     """Load a diffusers SD folder (or cached hub id); None means $DPL_MODEL or the bundled model.
 
     `device` is cpu, cuda, cuda:N, mps, or "auto" (the GPU when there is one); `cuda_graphs`
-    and `channels_last` (CUDA only) turn on `use_cuda_graphs` and `use_channels_last`."""
+    and `channels_last` (CUDA only) turn on `use_cuda_graphs` and `use_channels_last`.
+    `variant` picks weight files such as `diffusion_pytorch_model.fp16.safetensors` ("fp16");
+    without it the plain files load, or the folder's only variant. The weights are cast to
+    `dtype` either way. The folder's safety checker, if it has one, checks every decoded
+    image unless `safety_checker` is False."""
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     check_gpu_options(torch_device, cuda_graphs, channels_last)
     folder, name = model_folder(path_or_hub_id)
-    missing = [c for c in _COMPONENTS if not (folder / c).is_dir()]
-    if missing or not (folder / "model_index.json").is_file():
-        what = f"lacks {', '.join(missing)}" if missing else "has no model_index.json"
-        raise DplError(f"'{folder}' is not a diffusers Stable Diffusion model ({what}); {_NOT_SD}")
+    index = _read_index(folder)
+    checked = safety_checker and _lists_safety_checker(folder, index)
+    variants = _choose_variants(folder, variant, _WEIGHTED + (("safety_checker",) * checked))
+    scheduler = _scheduler(folder)
     try:
         with _quiet_loading():
             unet = UNet2DConditionModel.from_pretrained(
-                folder, subfolder="unet", torch_dtype=torch_dtype, local_files_only=True
-            )
+                folder, subfolder="unet", torch_dtype=torch_dtype, local_files_only=True,
+                variant=variants["unet"],
+            )  # fmt: skip
             vae = AutoencoderKL.from_pretrained(
-                folder, subfolder="vae", torch_dtype=torch_dtype, local_files_only=True
-            )
+                folder, subfolder="vae", torch_dtype=torch_dtype, local_files_only=True,
+                variant=variants["vae"],
+            )  # fmt: skip
             text_encoder = CLIPTextModel.from_pretrained(
-                folder, subfolder="text_encoder", local_files_only=True
-            )
+                folder, subfolder="text_encoder", local_files_only=True,
+                variant=variants["text_encoder"],
+            )  # fmt: skip
             tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+            safety = (
+                _load_safety_check(folder, variants["safety_checker"], torch_dtype)
+                if checked
+                else None
+            )
     except (OSError, ValueError, TypeError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DplError(f"cannot load '{folder}' ({first_line}); {_NOT_SD}") from None
     text_encoder.to(dtype=torch_dtype)
-    for module in (unet, vae, text_encoder):
+    for module in (unet, vae, text_encoder, *(() if safety is None else (safety.checker,))):
         module.requires_grad_(False).eval().to(torch_device)
     model = LoadedModel.from_components(
-        vae, text_encoder, tokenizer, unet, _scheduler(folder), _identity(folder, name),
-        torch_device, torch_dtype, defaults=lambda latent_size: _read_defaults(folder, latent_size),
+        vae, text_encoder, tokenizer, unet, scheduler, _identity(folder, name, variants),
+        torch_device, torch_dtype, defaults=lambda unet: _read_defaults(folder, unet),
     )  # fmt: skip
+    model.safety = safety
     use_channels_last(model, channels_last)
     use_cuda_graphs(model, cuda_graphs)
     return model
