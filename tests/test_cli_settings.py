@@ -372,3 +372,11 @@ def test_batch_summaries_report_the_psnr(tiny_model_dir, tmp_path, capsys, monke
     assert "reconstruction (PSNR)" in table
     assert f"| cat | ok | {row['reconstruction_psnr_db']:.1f} dB |" in table
     assert "1 reconstructed under 101 dB PSNR" in table
+
+
+def test_the_guides_example_settings_file_is_valid():
+    guide = (Path(__file__).parent.parent / "docs" / "guide.md").read_text()
+    section = guide.split("## DPL's settings", 1)[1].split("\n## ", 1)[0]
+    example = section.split("```json\n", 1)[1].split("```", 1)[0]
+    dpl, sections = check_settings(json.loads(example))
+    assert dpl and sections["null_text"]
