@@ -13,11 +13,13 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from dpl_edit.cli import _MOVED, _dpl_choice, _inversion_settings, build_parser, main
@@ -28,6 +30,7 @@ from dpl_edit.engine.artifact import Inversion
 from dpl_edit.engine.inversion import reconstruction_image
 from dpl_edit.engine.model import load_model
 from dpl_edit.engine.settings import BUNDLED_MODELS, NullTextSettings
+from dpl_edit.errors import DplError
 from dpl_edit.metrics import psnr
 from dpl_edit.outputs import POOR_RECONSTRUCTION_DB, poor_reconstruction
 
@@ -380,3 +383,36 @@ def test_the_guides_example_settings_file_is_valid():
     example = section.split("```json\n", 1)[1].split("```", 1)[0]
     dpl, sections = check_settings(json.loads(example))
     assert dpl and sections["null_text"]
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_KEYS = st.sampled_from(
+    [f.name for f in fields(DplLossConfig)] + ["null_text", "background", "lambda", ""]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        _KEYS,
+        _JSON
+        | st.dictionaries(
+            st.sampled_from(["inner_steps", "lr", "resample", "n_clusters", "x"]), _JSON
+        ),
+        max_size=4,
+    )
+)
+def test_any_settings_object_is_accepted_or_refused_with_one_line(data):
+    try:
+        dpl, sections = check_settings(data)
+    except DplError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) < 400
+        return
+    DplLossConfig(**dpl)
+    NullTextSettings(**sections["null_text"])

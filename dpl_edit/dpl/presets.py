@@ -21,9 +21,12 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from dpl_edit.errors import DplError
+
+if TYPE_CHECKING:
+    from dpl_edit.dpl.losses import DplLossConfig
 
 SECTIONS = ("null_text", "background")
 """The objects a settings file may hold next to its DPL fields."""
@@ -56,10 +59,10 @@ DEFAULT_PRESET = "model"
 class DplChoice:
     """What a preset and a settings file ask for, checked, before the model is known.
 
-    `dpl` holds the DPL fields on top of the preset's (None: the model's own settings as the
-    base); `null_text` and `background` the fields of those sections. `explicit` says whether
-    the user asked for any DPL setting at all (a preset or DPL fields), which an inversion by
-    another method must refuse rather than ignore.
+    `base` holds the preset's DPL fields (None: the model's own settings), `dpl` the file's on
+    top of them; `null_text` and `background` the fields of those sections, the file's on top
+    of the preset's. `explicit` says whether a preset was named: with the file's DPL fields,
+    what an inversion by another method must refuse rather than ignore.
     """
 
     base: Mapping[str, Any] | None
@@ -73,7 +76,9 @@ class DplChoice:
         """Whether any DPL loss or background setting was asked for."""
         return self.explicit or bool(self.dpl) or bool(self.background)
 
-    def dpl_config(self, model_config: Any, extra: Mapping[str, Any] | None = None) -> Any:
+    def dpl_config(
+        self, model_config: DplLossConfig, extra: Mapping[str, Any] | None = None
+    ) -> DplLossConfig:
         """The `DplLossConfig`: the preset's (or `model_config`, the model's own), then `extra`
         (e.g. --fast's), then the file's fields."""
         from dpl_edit.dpl.losses import DplLossConfig
@@ -96,10 +101,12 @@ def _reject_constant(name: str) -> float:
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    for key in keys:
-        if keys.count(key) > 1:
-            raise DplError(f"the key '{key}' is given twice")
+    """A JSON object's keys, refusing one given twice (JSON would keep the last silently)."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise DplError(f"the key '{_shown(key)[1:-1]}' is given twice")
+        seen.add(key)
     return dict(pairs)
 
 
@@ -121,6 +128,12 @@ def read_settings_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise DplError(f"must hold a JSON object, not {type(data).__name__}")
     return data
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value of the file as an error message shows it: JSON, escaped onto one line, cut short."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _kind(hint: Any) -> str:
@@ -154,9 +167,12 @@ def _fits(value: Any, hint: Any) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
-        return (
-            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        )
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return False
+        try:
+            return math.isfinite(float(value))
+        except OverflowError:  # an integer beyond any float
+            return False
     return False
 
 
@@ -168,19 +184,21 @@ def _checked(section: str, values: Mapping[str, Any], cls: type) -> dict[str, An
     prefix = f"{section}." if section else ""
     for key, value in values.items():
         if key not in hints:
-            close = difflib.get_close_matches(key, names, n=1)
+            shown = _shown(key)[1:-1]
+            close = difflib.get_close_matches(shown, names, n=1)
             hint = f"did you mean '{prefix}{close[0]}'?" if close else "see docs/guide.md"
             where = f"in '{section}'" if section else "of DPL"
-            raise DplError(f"'{prefix}{key}' is not a setting {where}; {hint}")
+            raise DplError(f"'{prefix}{shown}' is not a setting {where}; {hint}")
         if not _fits(value, hints[key]):
-            raise DplError(f"'{prefix}{key}' must be {_kind(hints[key])}, got {json.dumps(value)}")
+            raise DplError(f"'{prefix}{key}' must be {_kind(hints[key])}, got {_shown(value)}")
     converted = {
         key: tuple(value) if isinstance(value, list) else value for key, value in values.items()
     }
     try:
         cls(**converted)
     except DplError as exc:
-        raise DplError(f"{section}: {exc}" if section else str(exc)) from None
+        message = _shown(str(exc), 200)[1:-1]
+        raise DplError(f"{section}: {message}" if section else message) from None
     return converted
 
 
@@ -191,7 +209,7 @@ def check_settings(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, d
     for name in SECTIONS:
         block = data.get(name, {})
         if not isinstance(block, dict):
-            raise DplError(f"'{name}' must be a JSON object of settings, got {json.dumps(block)}")
+            raise DplError(f"'{name}' must be a JSON object of settings, got {_shown(block)}")
         sections[name] = _checked(name, block, classes[name])
     dpl = {key: value for key, value in data.items() if key not in SECTIONS}
     return _checked("", dpl, classes[""]), sections
