@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from dpl_edit import __version__
+from dpl_edit.dpl.presets import DEFAULT_PRESET, PRESETS
 from dpl_edit.engine.settings import (
     DEVICES,
     DTYPES,
     FAST_NULL_TEXT,
-    LEAK_MEASURES,
-    LEAK_REGIONS,
     MAX_SEED,
     METHODS,
     MODES,
@@ -108,8 +107,7 @@ def _add_common(
                            help="weight files to load, e.g. fp16 for *.fp16.safetensors "
                            "(default: the plain ones, else the folder's only variant)")  # fmt: skip
         group.add_argument("--threads", type=int, metavar="N",
-                           help="CPU threads (default: the model's `threads`, for edits "
-                           "its `edit_threads`, in dpl_defaults.json, else torch's choice)")  # fmt: skip
+                           help="CPU threads (default: the model folder's choice, else torch's)")  # fmt: skip
         group.add_argument("--seed", type=_seed, default=0,
                            help=f"random seed, 0 to {MAX_SEED} (default: %(default)s)")  # fmt: skip
         group.add_argument("--steps", type=int, default=steps,
@@ -128,11 +126,9 @@ def _add_model_options(group: argparse._ActionsContainer) -> None:
     group.add_argument("--device", default="auto", help=f"{DEVICES} (default: %(default)s)")
     group.add_argument("--dtype", default=DTYPES[0], choices=DTYPES, help="(default: %(default)s)")
     group.add_argument("--cuda-graphs", action="store_true",
-                       help="replay inversions' UNet passes from CUDA graphs (GPU only; the same "
-                       "results, 4-5x faster at Stable Diffusion size on an H100)")  # fmt: skip
+                       help="replay inversions' UNet passes as CUDA graphs (GPU; 4-5x faster on SD)")  # fmt: skip
     group.add_argument("--channels-last", action="store_true",
-                       help="keep the UNet channels-last (GPU only; the same arithmetic, not "
-                       "bitwise; with --cuda-graphs 1.2x faster at Stable Diffusion size on an H100)")  # fmt: skip
+                       help="channels-last UNet (GPU; 1.2x faster on SD with --cuda-graphs)")  # fmt: skip
 
 
 def _add_inversion_options(parser: argparse.ArgumentParser, one_image: bool = True) -> None:
@@ -144,15 +140,13 @@ def _add_inversion_options(parser: argparse.ArgumentParser, one_image: bool = Tr
     _add_dpl_options(parser, one_image)
 
 
-_NULL = NullTextSettings()
-
-
 def _add_dpl_options(parser: argparse.ArgumentParser, one_image: bool = True) -> None:
-    """DPL's options, the null text's (shared by NTI and DPL) and --fast, which sets both; a
-    batch (`one_image` False) has no --bg-mask, a mask being per image."""
+    """DPL's options, the research settings' preset and file (DPL's, and the null text's that
+    NTI shares) and --fast; a batch (`one_image` False) has no --bg-mask, a mask being per
+    image. The options these replaced are still recognised, and refused naming their new home."""
     group = parser.add_argument_group(
-        "Dynamic Prompt Learning (--method dpl)",
-        "Unset options keep the model's DPL settings (dpl_defaults.json), else the paper's.",
+        "Dynamic Prompt Learning (--method dpl) and null text (nti, dpl)",
+        "Research settings go in a --dpl-config file (docs/guide.md, DPL's settings).",
     )
     group.add_argument("--words", nargs="+", metavar="WORD",
                        help="words that get dynamic tokens (default: the prompt's words in the "
@@ -160,170 +154,134 @@ def _add_dpl_options(parser: argparse.ArgumentParser, one_image: bool = True) ->
     if one_image:
         group.add_argument("--bg-mask", metavar="FILE",
                            help="background mask (white = background) instead of estimating one")  # fmt: skip
-    group.add_argument("--no-bg", action="store_true", help="no background-leakage loss")
-    group.add_argument("--paper-settings", action="store_true",
-                       help="start from the paper's DPL settings instead of the model's chosen "
-                       "defaults (dpl_defaults.json); other options apply on top")  # fmt: skip
-    group.add_argument("--no-at", action="store_true", help="no attention-balancing loss")
-    group.add_argument("--no-dj", action="store_true", help="no disjoint-object loss")
-    group.add_argument("--lambda-at", type=_finite, metavar="W",
-                       help="weight of the balancing loss")  # fmt: skip
-    group.add_argument("--lambda-dj", type=_finite, metavar="W",
-                       help="weight of the disjoint loss")  # fmt: skip
-    group.add_argument("--lambda-bg", type=_finite, metavar="W",
-                       help="weight of the background loss")  # fmt: skip
-    group.add_argument("--token-inner-steps", type=int, metavar="N",
-                       help="most token updates per step (0 keeps the words' embeddings)")  # fmt: skip
-    group.add_argument("--no-thresholds", action="store_true",
-                       help="take every inner step, ignoring the loss thresholds (ablation)")  # fmt: skip
-    group.add_argument("--softmax-tokens", choices=["paper", "words"],
-                       help="tokens in the balancing loss's sharpened softmax: every position "
-                       "but the first and last (paper) or the prompt's own tokens (words)")  # fmt: skip
-    group.add_argument("--loss-res", type=int, nargs="+", metavar="RES",
-                       help="attention level(s) the losses read, as side lengths (unset: the "
-                       "model's cross-attention level)")  # fmt: skip
-    group.add_argument("--threshold-index", choices=["step", "fraction"],
-                       help="index the loss thresholds by step, or by the fraction of the "
-                       "schedule (a 10-step run then follows the 50-step schedule)")  # fmt: skip
-    group.add_argument("--leak-region", choices=list(LEAK_REGIONS),
-                       help="what the background loss keeps a word's map off: the estimated "
-                       "background (paper), or everything outside the word's own clusters "
-                       "(background and the other words' objects); others-split first shares "
-                       "the clusters' pixels out, each to the word that attends most there")  # fmt: skip
-    group.add_argument("--leak-measure", choices=list(LEAK_MEASURES),
-                       help="how the background loss scores a word map against its region: "
-                       "cosine similarity (paper) or the share of the map's mass inside it")  # fmt: skip
-    group.add_argument("--max-drift", type=_drift, metavar="F",
-                       help="keep each learned vector within F times its word embedding's norm "
-                       "of that embedding ('none': unbounded, as in the paper)")  # fmt: skip
-    group.add_argument("--bg-resample", choices=["majority", "any"],
-                       help="background mask at the loss level: area majority, or any "
-                       "background in the cell (the paper code's dilated mask)")  # fmt: skip
-    group.add_argument("--gaussian-formula", choices=["ae-quirk", "standard"],
-                       help="balancing-loss smoothing: the paper code's (ae-quirk) or textbook")  # fmt: skip
-    group.add_argument("--plateau-tol", type=_plateau, metavar="F",
-                       help="end a step's token updates once one lowers the loss by less than "
-                       "F of it, undoing one that raises it (faster; not in the paper); "
-                       "'none': no such rule")  # fmt: skip
-    group.add_argument("--learn-until", type=_finite, metavar="F",
-                       help="learn the word vectors only in the first F of the steps (0 < F <= "
-                       "1); later steps keep the last ones (faster; not in the paper)")  # fmt: skip
-    group.add_argument("--stop-on-rise", action="store_true",
-                       help="end a step's token updates as soon as one raises the loss "
-                       "(faster; not in the paper)")  # fmt: skip
-    parser.add_argument("--fast", action="store_true",
-                        help=f"the speed options: null text {FAST_NULL_TEXT.inner_steps} steps "
-                        f"at rate {FAST_NULL_TEXT.lr} and, for DPL, --stop-on-rise (measured "
-                        "in docs/research/speed.md)")  # fmt: skip
-    null = parser.add_argument_group("Null-text inversion (--method nti and dpl)")
-    null.add_argument("--null-text-original", action="store_true",
-                      help="the DPL code's null text: many steps from the empty prompt at "
-                      "every step, no early stop (unset: NTI's)")  # fmt: skip
-    null.add_argument("--null-steps", type=int, metavar="N",
-                      help=f"most null-text updates per step (default {_NULL.inner_steps})")  # fmt: skip
-    null.add_argument("--null-lr", type=_finite, metavar="LR",
-                      help=f"null-text learning rate at the first step (default {_NULL.lr})")  # fmt: skip
+    group.add_argument("--dpl-preset", choices=list(PRESETS), metavar="NAME",
+                       help="DPL's settings: "
+                       + "; ".join(f"{name}: {preset.help}" for name, preset in PRESETS.items())
+                       + f" (default: {DEFAULT_PRESET})")  # fmt: skip
+    group.add_argument("--dpl-config", metavar="FILE",
+                       help="JSON settings on top of the preset: DplLossConfig fields, optional "
+                       "null_text and background objects")  # fmt: skip
+    group.add_argument("--fast", action="store_true",
+                       help=f"null text {FAST_NULL_TEXT.inner_steps} steps at rate "
+                       f"{FAST_NULL_TEXT.lr}, DPL's stop_on_rise (research/speed.md)")  # fmt: skip
+    for option, moved in _MOVED.items():
+        parser.add_argument(option, action=_Moved, replacement=moved[1], nargs=moved[0])
 
 
-_DPL_KNOBS = {
-    "lambda_at": "lambda_at",
-    "lambda_dj": "lambda_dj",
-    "lambda_bg": "lambda_bg",
-    "token_inner_steps": "max_inner_steps",
-    "gaussian_formula": "gaussian_formula",
-    "softmax_tokens": "softmax_tokens",
-    "loss_res": "loss_res",
-    "threshold_index": "threshold_index",
-    "leak_region": "leak_region",
-    "leak_measure": "leak_measure",
-    "max_drift": "max_drift",
-    "plateau_tol": "plateau_tol",
-    "learn_until": "learn_until",
-}
-"""CLI option -> `DplLossConfig` field, for the options that take a value."""
-_DPL_SWITCHES = {"no_at": "use_at", "no_dj": "use_dj", "no_thresholds": "use_thresholds"}
-"""CLI flag -> the `DplLossConfig` switch it turns off."""
-_DPL_FLAGS = {"stop_on_rise": "stop_on_rise"}
-"""CLI flag -> the `DplLossConfig` switch it turns on."""
-
-
-_UNBOUNDED = "none"
-
-
-def _number_or_none(valid: Callable[[float], bool], rule: str) -> Callable[[str], float | str]:
-    """An argparse type: a number for which `valid` holds, or 'none' to turn the setting off."""
-
-    def parse(text: str) -> float | str:
-        if text.strip().lower() == _UNBOUNDED:
-            return _UNBOUNDED
-        try:
-            value = _finite(text)
-        except argparse.ArgumentTypeError:
-            raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
-        if not valid(value):
-            raise argparse.ArgumentTypeError(f"must be {rule} or 'none', got {text}")
-        return value
-
-    return parse
-
-
-_drift = _number_or_none(lambda value: 0 < value < float("inf"), "a positive number")
-"""--max-drift's value: 'none' leaves the learned vectors unbounded."""
-_plateau = _number_or_none(lambda value: 0 <= value < 1, "in [0, 1)")
-"""--plateau-tol's value: 'none' turns the plateau rule off."""
-
-
-def _dpl_config(args: argparse.Namespace, model, any_method: bool = False) -> Any:
-    """DPL's settings: the model's defaults (or the paper's, with --paper-settings) with the
-    options given on top, or None when none was (so that `invert` can refuse them for another
-    method instead of ignoring them)."""
-    from dpl_edit.dpl.losses import DplLossConfig
-    from dpl_edit.dpl.stage import default_config
-
-    values = {field: getattr(args, name) for name, field in _DPL_KNOBS.items()}
-    values = {field: value for field, value in values.items() if value is not None}
-    for flag, field in _DPL_SWITCHES.items():
-        if getattr(args, flag):
-            values[field] = False
-    for flag, field in _DPL_FLAGS.items():
-        if getattr(args, flag):
-            values[field] = True
-    # --fast applies to DPL inversions only; a batch's settings reach only its DPL jobs.
-    if args.fast and (any_method or args.method == "dpl"):
-        values["stop_on_rise"] = True
-    if "loss_res" in values:
-        values["loss_res"] = tuple(values["loss_res"])
-    for field in ("max_drift", "plateau_tol"):
-        if values.get(field) == _UNBOUNDED:
-            values[field] = None
-    if not values and not args.paper_settings:
+def _config_value(text: str) -> Any:
+    """An old option's value as it is written in a settings file ('none' is null)."""
+    if text.strip().lower() == "none":
         return None
-    return replace(DplLossConfig() if args.paper_settings else default_config(model), **values)
+    with suppress(ValueError):
+        return int(text)
+    try:
+        return _finite(text)
+    except argparse.ArgumentTypeError:
+        return text
 
 
-def _null_text(args: argparse.Namespace) -> NullTextSettings | None:
-    """Null-text settings when an option changes them, else None (invert's default)."""
+def _setting(*keys: str, value: Any = None) -> Callable[[list[str]], str]:
+    """The --dpl-config setting an old option became: `value` for a switch, else the option's
+    own value (a list for an option that took several)."""
+
+    def replacement(values: list[str]) -> str:
+        given: Any = value
+        if values:
+            given = [_config_value(v) for v in values]
+            given = given[0] if len(given) == 1 and keys[-1] != "loss_res" else given
+        for key in reversed(keys):
+            given = {key: given}
+        return f"a --dpl-config setting: {json.dumps(given)}"
+
+    return replacement
+
+
+def _original_null_text(values: list[str]) -> str:
     from dpl_edit.dpl.stage import ORIGINAL_NULL_TEXT
 
-    changes = {"inner_steps": args.null_steps, "lr": args.null_lr}
-    changes = {field: value for field, value in changes.items() if value is not None}
-    if args.null_text_original:
-        if changes or args.fast:
-            raise DplError("--null-text-original sets the null-text steps and rate itself")
-        return ORIGINAL_NULL_TEXT
-    if args.null_steps is not None and args.null_steps < 1:
-        raise DplError(f"--null-steps must be at least 1, got {args.null_steps}")
-    if args.null_lr is not None and not args.null_lr > 0:
-        raise DplError(f"--null-lr must be positive, got {args.null_lr}")
-    base = FAST_NULL_TEXT if args.fast else _NULL
-    return replace(base, **changes) if changes or args.fast else None
+    changed = {
+        f.name: getattr(ORIGINAL_NULL_TEXT, f.name)
+        for f in fields(NullTextSettings)
+        if getattr(ORIGINAL_NULL_TEXT, f.name) != getattr(NullTextSettings(), f.name)
+    }
+    return f"a --dpl-config setting: {json.dumps({'null_text': changed})}"
 
 
-def _background(args: argparse.Namespace) -> Any:
-    """Background-estimation settings when an option changes them, else None."""
-    from dpl_edit.dpl.stage import BackgroundSettings
+_MOVED: dict[str, tuple[int | str, Callable[[list[str]], str]]] = {
+    "--paper-settings": (0, lambda values: "--dpl-preset paper"),
+    "--no-bg": (0, _setting("use_bg", value=False)),
+    "--no-at": (0, _setting("use_at", value=False)),
+    "--no-dj": (0, _setting("use_dj", value=False)),
+    "--no-thresholds": (0, _setting("use_thresholds", value=False)),
+    "--stop-on-rise": (0, _setting("stop_on_rise", value=True)),
+    "--lambda-at": (1, _setting("lambda_at")),
+    "--lambda-dj": (1, _setting("lambda_dj")),
+    "--lambda-bg": (1, _setting("lambda_bg")),
+    "--token-inner-steps": (1, _setting("max_inner_steps")),
+    "--softmax-tokens": (1, _setting("softmax_tokens")),
+    "--loss-res": ("+", _setting("loss_res")),
+    "--threshold-index": (1, _setting("threshold_index")),
+    "--leak-region": (1, _setting("leak_region")),
+    "--leak-measure": (1, _setting("leak_measure")),
+    "--max-drift": (1, _setting("max_drift")),
+    "--bg-resample": (1, _setting("background", "resample")),
+    "--gaussian-formula": (1, _setting("gaussian_formula")),
+    "--plateau-tol": (1, _setting("plateau_tol")),
+    "--learn-until": (1, _setting("learn_until")),
+    "--null-text-original": (0, _original_null_text),
+    "--null-steps": (1, _setting("null_text", "inner_steps")),
+    "--null-lr": (1, _setting("null_text", "lr")),
+}
+"""Options that became a preset or a --dpl-config setting: nargs, and what replaces them."""
 
-    return None if args.bg_resample is None else BackgroundSettings(resample=args.bg_resample)
+
+class _Moved(argparse.Action):
+    """An option that moved: recognised, left out of --help, and refused with one line that
+    names its replacement (with the value given, ready to paste into a settings file)."""
+
+    def __init__(self, option_strings, dest, replacement, **kwargs) -> None:
+        self.replacement = replacement
+        super().__init__(
+            option_strings, dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs
+        )
+
+    def __call__(self, parser, namespace, values, option_string=None) -> NoReturn:
+        parser.error(f"{option_string} is now {self.replacement(values or [])}")
+
+
+def _dpl_choice(args: argparse.Namespace) -> Any:
+    """--dpl-preset and --dpl-config, both checked before the model loads."""
+    from dpl_edit.dpl.presets import choose
+
+    return choose(args.dpl_preset, args.dpl_config)
+
+
+def _inversion_settings(
+    args: argparse.Namespace, choice: Any, model, any_method: bool = False
+) -> dict[str, Any]:
+    """`invert`'s null_text, dpl_config and background: --dpl-preset, then --fast, then
+    --dpl-config's settings. Each is None where nothing changes it (so that `invert` keeps its
+    defaults, and a batch folder's recorded settings stay those of a plain run). A batch
+    (`any_method`) applies DPL's to its DPL jobs only; one inversion by another method
+    refuses them rather than ignoring them."""
+    from dpl_edit.dpl.stage import BackgroundSettings, default_config
+
+    dpl_method = any_method or args.method == "dpl"
+    if choice.has_dpl and not dpl_method:
+        raise DplError(
+            f"--dpl-preset and --dpl-config's DPL settings need --method dpl, not '{args.method}'"
+        )
+    fast = {"stop_on_rise": True} if args.fast and dpl_method else {}
+    dpl_config = None
+    if choice.has_dpl or fast:
+        dpl_config = choice.dpl_config(default_config(model), fast)
+    if getattr(args, "bg_mask", None) and dpl_config is not None and not dpl_config.use_bg:
+        raise DplError("--bg-mask and use_bg false (no background loss) contradict each other")
+    null_text = None
+    if args.fast or choice.null_text:
+        null_text = replace(FAST_NULL_TEXT if args.fast else NullTextSettings(), **choice.null_text)
+    background = BackgroundSettings(**choice.background) if choice.background else None
+    return {"null_text": null_text, "dpl_config": dpl_config, "background": background}
 
 
 _EDIT = EditSettings()
@@ -386,7 +344,7 @@ def _load_model(args: argparse.Namespace):
     return model
 
 
-def _invert(args: argparse.Namespace, model, image) -> Any:
+def _invert(args: argparse.Namespace, model, image, choice: Any) -> Any:
     from dpl_edit.engine.inversion import invert
 
     return invert(
@@ -397,12 +355,9 @@ def _invert(args: argparse.Namespace, model, image) -> Any:
         steps=args.steps,
         guidance=args.guidance,
         resize=args.resize,
-        null_text=_null_text(args),
         words=args.words,
-        dpl_config=_dpl_config(args, model),
-        background=_background(args),
         bg_mask=args.bg_mask,
-        no_bg=args.no_bg,
+        **_inversion_settings(args, choice, model),
     )
 
 
@@ -421,6 +376,17 @@ def _cross_windows(args: argparse.Namespace) -> dict[str, float]:
     return {"default_": _EDIT.cross_replace_steps, **dict(args.cross_steps)}
 
 
+def _edit_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What `edit` and `plan_edit` both take from the edit options."""
+    return {
+        "mode": args.mode,
+        "reweight": dict(args.reweight),
+        "blend": args.blend,
+        "cross_replace_steps": _cross_windows(args),
+        "self_replace_steps": args.self_steps,
+    }
+
+
 def _edit(args: argparse.Namespace, model, inversion) -> Any:
     from dpl_edit.engine.edit import edit
     from dpl_edit.engine.model import use_threads
@@ -432,13 +398,9 @@ def _edit(args: argparse.Namespace, model, inversion) -> Any:
         model,
         inversion,
         args.target,
-        mode=args.mode,
-        reweight=dict(args.reweight),
-        blend=args.blend,
-        cross_replace_steps=_cross_windows(args),
-        self_replace_steps=args.self_steps,
         guidance=args.guidance,
         target_tokens=args.target_tokens,
+        **_edit_options(args),
     )
 
 
@@ -467,18 +429,35 @@ def _inputs(*paths: str | None) -> list[Path]:
     return [Path(path) for path in paths if path]
 
 
+def _reconstruction(summary: Summary, inversion, reconstruction) -> Summary:
+    """`summary` with the reconstruction's PSNR against the input, warning on stderr when it
+    is too poor for edits to be worth anything."""
+    from dpl_edit.outputs import poor_reconstruction, reconstruction_psnr
+
+    value = reconstruction_psnr(inversion, reconstruction)
+    warning = poor_reconstruction(value, inversion.method)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    return {**summary, "reconstruction_psnr_db": round(value, 2)}
+
+
 def _run_invert(args: argparse.Namespace) -> Summary:
+    from dpl_edit.engine.inversion import reconstruction_image
     from dpl_edit.io.images import read_image
     from dpl_edit.io.targets import check_folder_target
 
     check_folder_target(args.out, args.overwrite, _inputs(args.image, args.bg_mask))
+    choice = _dpl_choice(args)
     image = read_image(args.image)
     model = _load_model(args)
-    inversion = _invert(args, model, image)
+    inversion = _invert(args, model, image, choice)
     folder = inversion.save(args.out, overwrite=args.overwrite)
-    return _summary(
+    summary = _summary(
         {"inversion": folder}, inversion.timings, inversion.unet_evals, _inner_steps(inversion)
     )
+    if inversion.trajectory is None:  # DDIM: measuring would replay the whole path
+        return summary
+    return _reconstruction(summary, inversion, reconstruction_image(model, inversion))
 
 
 def _run_edit(args: argparse.Namespace) -> Summary:
@@ -523,23 +502,28 @@ def _check_comparable(inversion, other, folder: str) -> None:
 
 
 def _run_run(args: argparse.Namespace) -> Summary:
-    from dpl_edit.engine.text import check_prompt
+    from dpl_edit.engine.edit import plan_edit
+    from dpl_edit.engine.text import check_vocabulary
     from dpl_edit.io.images import read_image
     from dpl_edit.outputs import RunFiles
 
     files = RunFiles.next_to(Path(args.out))
     files.check(args.overwrite, _inputs(args.image, args.bg_mask))
+    choice = _dpl_choice(args)
     image = read_image(args.image)
     model = _load_model(args)
-    check_prompt(model, args.target)  # the edit's target is refused before the inversion runs
-    inversion = _invert(args, model, image)
+    # The edit is refused before the inversion runs, both prompts' unknown words at once.
+    check_vocabulary(model, [args.prompt, args.target])
+    plan_edit(model, args.prompt, args.target, args.steps, **_edit_options(args))
+    inversion = _invert(args, model, image, choice)
     result = _edit(args, model, inversion)
-    return _summary(
+    summary = _summary(
         files.save(inversion, [result]),
         {**inversion.timings, **result.timings},
         {**inversion.unet_evals, **result.unet_evals},
         _inner_steps(inversion),
     )
+    return _reconstruction(summary, inversion, result.source)
 
 
 def _add_overwrite(parser: argparse.ArgumentParser, what: str) -> None:
@@ -677,6 +661,7 @@ def _run_batch(args: argparse.Namespace) -> Summary:
     from dpl_edit.batch.executors import require_ray
     from dpl_edit.batch.jobs import EditJob, JobDefaults, read_jobs
     from dpl_edit.batch.run import BatchSettings, check_batch_folder, check_job, run_batch
+    from dpl_edit.outputs import POOR_RECONSTRUCTION_DB
 
     if args.example_jobs:
         from dpl_edit.bench.world_set import export_jobs
@@ -688,16 +673,14 @@ def _run_batch(args: argparse.Namespace) -> Summary:
     check_batch_folder(args.out)
     if args.ray:
         require_ray()  # before minutes of checking and loading
+    choice = _dpl_choice(args)
     model = _load_model(args)
     settings = BatchSettings(
         steps=args.steps,
         guidance=args.guidance,
         seed=args.seed,
         resize=args.resize,
-        null_text=_null_text(args),
-        dpl_config=_dpl_config(args, model, any_method=True),
-        background=_background(args),
-        no_bg=args.no_bg,
+        **_inversion_settings(args, choice, model, any_method=True),
     )
     defaults = JobDefaults(
         method=args.method,
@@ -726,6 +709,14 @@ def _run_batch(args: argparse.Namespace) -> Summary:
         "skipped": report.skipped,
         "failed": report.failed,
     }
+    summary["poor_reconstruction"] = report.poor
+    if report.poor:
+        print(
+            f"warning: {len(report.poor)} of {report.total} jobs reconstructed under "
+            f"{POOR_RECONSTRUCTION_DB:.0f} dB PSNR (first: '{report.poor[0]}'): the model cannot "
+            f"represent those images; see {report.summary_md}",
+            file=sys.stderr,
+        )
     if report.failed:
         print(
             f"error: {len(report.failed)} of {report.total} jobs failed (first: "
@@ -919,6 +910,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         for name, path in summary["outputs"].items():
             print(f"{name}: {path}")
+        if "reconstruction_psnr_db" in summary:
+            print(
+                f"reconstruction: {summary['reconstruction_psnr_db']:.1f} dB PSNR against the input"
+            )
     return code
 
 

@@ -204,18 +204,20 @@ def test_edits_run_on_the_models_edit_threads_capped_at_the_cores(
         torch.set_num_threads(before)
 
 
-def test_null_text_options_reach_the_inversion(tiny_model_dir, image_file, tmp_path, capsys):
+def test_null_text_settings_reach_the_inversion(tiny_model_dir, image_file, tmp_path, capsys):
+    from dpl_edit.engine.artifact import Inversion
+
+    config = tmp_path / "null.json"
+    config.write_text(json.dumps({"null_text": {"inner_steps": 2, "lr": 0.5}}))
     argv = ["invert", str(image_file), "--prompt", "a cat and a dog", "--method", "nti"]
     argv += ["--out", str(tmp_path / "inv"), "--model", str(tiny_model_dir), "--json", *FAST]
-    assert main([*argv, "--null-steps", "2", "--null-lr", "0.5"]) == 0
+    assert main([*argv, "--dpl-config", str(config)]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["inner_steps"]["null_text"] and max(summary["inner_steps"]["null_text"]) <= 2
-    err = _error(capsys, [*argv, "--overwrite", "--null-text-original", "--null-steps", "3"])
-    assert "--null-text-original" in err
-    assert "--null-steps" in _error(capsys, [*argv, "--overwrite", "--null-steps", "0"])
-    assert "--null-text-original" in _error(
-        capsys, [*argv, "--overwrite", "--null-text-original", "--fast"]
-    )
+    assert Inversion.load(tmp_path / "inv").settings["null_text"]["lr"] == 0.5
+    config.write_text(json.dumps({"null_text": {"inner_steps": 0}}))
+    err = _error(capsys, [*argv, "--overwrite", "--dpl-config", str(config)])
+    assert "null_text: inner_steps must be at least 1" in err
 
 
 def test_fast_sets_the_null_text_and_dpl_speed_options(tiny_model_dir, image_file, tmp_path):

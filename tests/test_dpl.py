@@ -347,12 +347,15 @@ def _cli_error(capsys, argv) -> str:
         (["--method", "dpl", "--words", "lion"], "word 'lion' is not in the prompt"),
         (["--method", "dpl"], "no list of object words; name the words to learn"),
         (["--method", "nti", "--words", "dog"], "need method 'dpl'"),
-        (["--method", "nti", "--lambda-at", "2"], "need method 'dpl'"),
+        (["--method", "nti", "--dpl-preset", "paper"], "need --method dpl"),
         ([], "no list of object words"),  # DPL is the default method
-        (["--method", "dpl", "--words", "dog", "--no-bg", "--bg-mask", "m.png"], "contradict"),
+        (["--words", "dog", "--dpl-config", "no-bg.json", "--bg-mask", "m.png"], "contradict"),
     ],
 )
-def test_cli_errors(tiny_model_dir, image_file, tmp_path, capsys, options, message):
+def test_cli_errors(tiny_model_dir, image_file, tmp_path, capsys, options, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "no-bg.json").write_text('{"use_bg": false}')
+    Image.new("L", (32, 32)).save(tmp_path / "m.png")
     argv = ["invert", str(image_file), "--prompt", PROMPT, "--out", str(tmp_path / "inv")]
     err = _cli_error(capsys, [*argv, "--model", str(tiny_model_dir), "--steps", "2", *options])
     assert message in err
@@ -367,9 +370,11 @@ def test_cli_run_and_attention_comparison(tiny_model_dir, image_file, tmp_path, 
     common = ["--model", str(tiny_model_dir), "--steps", str(STEPS), "--json"]
     argv = ["run", str(image_file), "--prompt", PROMPT, "--target", "a cat and a lion"]
     argv += ["--out", str(tmp_path / "e.png"), "--method", "dpl", "--words", "cat", "dog"]
-    argv += ["--token-inner-steps", "2", "--no-thresholds", "--gaussian-formula", "standard"]
-    argv += ["--softmax-tokens", "words", "--loss-res", "4", "8", "--threshold-index", "fraction"]
-    argv += ["--bg-resample", "any"]
+    settings = {"max_inner_steps": 2, "use_thresholds": False, "gaussian_formula": "standard"}
+    settings |= {"softmax_tokens": "words", "loss_res": [4, 8], "threshold_index": "fraction"}
+    settings["background"] = {"resample": "any"}
+    (tmp_path / "research.json").write_text(json.dumps(settings))
+    argv += ["--dpl-config", str(tmp_path / "research.json")]
     assert main(argv + common) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["inner_steps"]["dpl_tokens"] == [2] * STEPS
@@ -512,16 +517,24 @@ def test_stopping_rules_must_be_fractions(name, value):
         DplLossConfig(**{name: value})
 
 
-@pytest.mark.parametrize(
-    ("option", "name", "value"),
-    [("--plateau-tol", "plateau_tol", 0.001), ("--learn-until", "learn_until", 0.25)],
-)
-def test_cli_stopping_rules_reach_the_dpl_settings(tiny_model, option, name, value):
-    from dpl_edit.cli import _dpl_config, build_parser
+def _cli_dpl_config(model, tmp_path, settings=None):
+    """The DPL configuration `dpl invert --method dpl` builds for `model` with `settings` in a
+    --dpl-config file (None: no file)."""
+    import json
+
+    from dpl_edit.cli import _dpl_choice, _inversion_settings, build_parser
 
     argv = ["invert", "in.png", "--prompt", PROMPT, "--out", "out", "--method", "dpl"]
-    args = build_parser().parse_args([*argv, option, str(value)])
-    assert getattr(_dpl_config(args, tiny_model), name) == value
+    if settings is not None:
+        (tmp_path / "settings.json").write_text(json.dumps(settings))
+        argv += ["--dpl-config", str(tmp_path / "settings.json")]
+    args = build_parser().parse_args(argv)
+    return _inversion_settings(args, _dpl_choice(args), model)["dpl_config"]
+
+
+@pytest.mark.parametrize(("name", "value"), [("plateau_tol", 0.001), ("learn_until", 0.25)])
+def test_cli_stopping_rules_reach_the_dpl_settings(tiny_model, tmp_path, name, value):
+    assert getattr(_cli_dpl_config(tiny_model, tmp_path, {name: value}), name) == value
 
 
 def test_learn_until_keeps_the_last_learned_vectors_without_unet_calls(tiny_model):
@@ -556,38 +569,34 @@ def test_max_drift_must_be_positive():
 
 
 @pytest.mark.parametrize(
-    ("option", "field", "model_value", "value", "expected"),
+    ("field", "model_value", "value", "expected"),
     [
-        ("--max-drift", "max_drift", 0.5, None, 0.5),
-        ("--max-drift", "max_drift", 0.5, "0.3", 0.3),
-        ("--max-drift", "max_drift", 0.5, "none", None),
-        ("--plateau-tol", "plateau_tol", 1e-4, None, 1e-4),
-        ("--plateau-tol", "plateau_tol", 1e-4, "0.001", 0.001),
-        ("--plateau-tol", "plateau_tol", 1e-4, "none", None),
+        ("max_drift", 0.5, "unset", 0.5),
+        ("max_drift", 0.5, 0.3, 0.3),
+        ("max_drift", 0.5, None, None),
+        ("plateau_tol", 1e-4, "unset", 1e-4),
+        ("plateau_tol", 1e-4, 0.001, 0.001),
+        ("plateau_tol", 1e-4, None, None),
     ],
 )
-def test_cli_option_or_none_overrides_the_models_setting(
-    tiny_model_dir, tmp_path, option, field, model_value, value, expected
+def test_cli_setting_or_null_overrides_the_models_setting(
+    tiny_model_dir, tmp_path, field, model_value, value, expected
 ):
-    from dpl_edit.cli import _dpl_config, build_parser
-
     model = _model_with_dpl_defaults(tiny_model_dir, tmp_path, {field: model_value})
-    argv = ["invert", "in.png", "--prompt", PROMPT, "--out", "out", "--method", "dpl"]
-    args = build_parser().parse_args(argv + ([] if value is None else [option, value]))
-    config = _dpl_config(args, model)
+    config = _cli_dpl_config(model, tmp_path, None if value == "unset" else {field: value})
     assert getattr(config or default_config(model), field) == expected
 
 
 @pytest.mark.parametrize(
-    ("option", "value"),
-    [("--max-drift", v) for v in ("0", "-1", "inf", "wide")]
-    + [("--plateau-tol", v) for v in ("1", "-0.1", "wide")],
+    ("field", "value"),
+    [("max_drift", v) for v in (0, -1, "wide")] + [("plateau_tol", v) for v in (1, -0.1, "wide")],
 )
-def test_cli_refuses_a_bound_out_of_range(option, value, capsys):
-    from dpl_edit.cli import build_parser
+def test_cli_refuses_a_bound_out_of_range(
+    tiny_model_dir, image_file, tmp_path, field, value, capsys
+):
+    import json
 
-    with pytest.raises(SystemExit) as exit_info:
-        build_parser().parse_args(["invert", "in.png", "--prompt", PROMPT, "--out", "o",
-                                   option, value])  # fmt: skip
-    assert exit_info.value.code == 2
-    assert option in capsys.readouterr().err
+    (tmp_path / "settings.json").write_text(json.dumps({field: value}))
+    argv = ["invert", str(image_file), "--prompt", PROMPT, "--out", str(tmp_path / "o")]
+    argv += ["--dpl-config", str(tmp_path / "settings.json"), "--model", str(tiny_model_dir)]
+    assert field in _cli_error(capsys, argv)

@@ -39,10 +39,11 @@ from dpl_edit.engine.edit import EditResult, edit, plan_edit
 from dpl_edit.engine.inversion import invert, plan_inversion
 from dpl_edit.engine.model import LoadedModel
 from dpl_edit.engine.settings import InversionSettings, NullTextSettings
+from dpl_edit.engine.text import check_vocabulary
 from dpl_edit.errors import DplError
 from dpl_edit.io.atomic import atomic_write_bytes
 from dpl_edit.io.targets import check_location
-from dpl_edit.outputs import RunFiles
+from dpl_edit.outputs import POOR_RECONSTRUCTION_DB, RunFiles, reconstruction_psnr
 
 RECORD = "record.json"
 MARKER_FILE = "batch.json"
@@ -118,7 +119,8 @@ def _edit_options(job: Job, index: int) -> dict[str, Any]:
 def check_job(model: LoadedModel, job: Job, settings: BatchSettings) -> None:
     """Refuse, before any work, what `invert` or `edit` would refuse for this job (a word the
     model does not know, a word swap between prompts of different lengths, a blend word in
-    neither prompt, ...), with their own messages."""
+    neither prompt, ...), with their own messages; every unknown word of its prompts at once."""
+    check_vocabulary(model, [job.prompt, *(edit_job.target for edit_job in job.edits)])
     plan_inversion(model, job.prompt, job.method, settings.steps, **settings.dpl_options(job))
     for index, edit_job in enumerate(job.edits):
         try:
@@ -138,6 +140,8 @@ class JobOutcome:
     edits: list[EditResult] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     unet_evals: dict[str, int] = field(default_factory=dict)
+    reconstruction_psnr: float | None = None
+    """The reconstruction's PSNR (dB) against the input (`dpl_edit.outputs`)."""
     error: str | None = None
     traceback: str | None = None
     worker: str = field(default_factory=lambda: f"{platform.node()}:{os.getpid()}")
@@ -185,6 +189,8 @@ def run_job(model: LoadedModel, task: tuple[Job, BatchSettings]) -> JobOutcome:
         outcome.seconds = {"job": time.perf_counter() - start}
         return outcome
     outcome.inversion, outcome.edits = inversion, edits
+    if edits:  # every edit's source branch is the reconstruction
+        outcome.reconstruction_psnr = round(reconstruction_psnr(inversion, edits[0].source), 2)
     outcome.seconds = {**inversion.timings, "edit": sum(e.timings["edit"] for e in edits)}
     outcome.seconds["job"] = time.perf_counter() - start
     outcome.unet_evals = {
@@ -242,6 +248,7 @@ class JobStore:
             "worker": outcome.worker,
             "seconds": {**outcome.seconds, "write": time.perf_counter() - start},
             "unet_evals": outcome.unet_evals,
+            "reconstruction_psnr_db": outcome.reconstruction_psnr,
             "outputs": outputs,
             "spec": job.spec(),
             "settings": self.settings,
@@ -254,10 +261,21 @@ class JobStore:
 def _summary_row(job: Job, record: dict[str, Any] | None) -> dict[str, Any]:
     if record is None:
         return {"id": job.id, "line": job.line, "status": "not run"}
-    keys = ("id", "line", "status", "error", "seconds", "unet_evals", "worker")
+    keys = ("id", "line", "status", "error", "reconstruction_psnr_db", "seconds", "unet_evals")
+    keys += ("worker",)
     row = {key: record.get(key) for key in keys}
     row["folder"] = f"jobs/{job.folder}"
     return row
+
+
+def poor_jobs(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The jobs whose reconstruction is under `POOR_RECONSTRUCTION_DB`."""
+    return [
+        row["id"]
+        for row in rows
+        if isinstance(row.get("reconstruction_psnr_db"), int | float)
+        and row["reconstruction_psnr_db"] < POOR_RECONSTRUCTION_DB
+    ]
 
 
 def _markdown(rows: Sequence[dict[str, Any]], wall: float, workers: int) -> str:
@@ -266,15 +284,25 @@ def _markdown(rows: Sequence[dict[str, Any]], wall: float, workers: int) -> str:
         "# Batch summary",
         "",
         f"{ok} of {len(rows)} jobs ok; this run took {wall:.1f} s on {workers} worker(s).",
+    ]
+    poor = poor_jobs(rows)
+    if poor:
+        lines.append(
+            f"{len(poor)} reconstructed under {POOR_RECONSTRUCTION_DB:.0f} dB PSNR against their "
+            "input: the model cannot represent those images, and their edits are as poor."
+        )
+    lines += [
         "",
-        "| job | status | seconds | UNet passes | folder | error |",
-        "|---|---|---:|---:|---|---|",
+        "| job | status | reconstruction (PSNR) | seconds | UNet passes | folder | error |",
+        "|---|---|---:|---:|---:|---|---|",
     ]
     for row in rows:
         seconds = (row.get("seconds") or {}).get("job")
         evals = sum((row.get("unet_evals") or {}).values())
         error = (row.get("error") or "").replace("|", "\\|")
-        cells = [row["id"], row["status"], "" if seconds is None else f"{seconds:.1f}"]
+        value = row.get("reconstruction_psnr_db")
+        cells = [row["id"], row["status"], "" if value is None else f"{value:.1f} dB"]
+        cells += ["" if seconds is None else f"{seconds:.1f}"]
         cells += [str(evals) if evals else "", row.get("folder", ""), error]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -288,6 +316,8 @@ class BatchReport:
     ran: int
     skipped: int
     failed: list[str]
+    poor: list[str]
+    """Jobs whose reconstruction is under `POOR_RECONSTRUCTION_DB` (`poor_jobs`)."""
     wall_seconds: float
     summary_jsonl: Path
     summary_md: Path
@@ -332,6 +362,7 @@ def run_batch(
         ran=len(todo),
         skipped=len(jobs) - len(todo),
         failed=[row["id"] for row in rows if row["status"] != "ok"],
+        poor=poor_jobs(rows),
         wall_seconds=wall,
         summary_jsonl=summary_jsonl,
         summary_md=summary_md,

@@ -116,7 +116,9 @@ def choose_words(model: LoadedModel, prompt: str, words: Sequence[str] | None) -
         return chosen
     objects = set(model.defaults.object_words)
     if not objects:
-        raise DplError("this model has no list of object words; name the words to learn")
+        raise DplError(
+            "this model has no list of object words; name the words to learn with --words"
+        )
     chosen = []
     for word, _ in word_spans(model.tokenizer, prompt):
         bare = bare_word(word)
@@ -125,7 +127,7 @@ def choose_words(model: LoadedModel, prompt: str, words: Sequence[str] | None) -
     if not chosen:
         raise DplError(
             f"the prompt '{prompt}' names none of this model's object words; name the words "
-            "to learn"
+            "to learn with --words"
         )
     return chosen
 

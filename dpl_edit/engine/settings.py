@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
+from dpl_edit.errors import DplError
+
 BUNDLED_MODELS = Path(__file__).parent.parent / "models"
 """Models shipped with the package, each a diffusers SD folder, addressed by folder name."""
 BUNDLED_MODEL = BUNDLED_MODELS / "world"
@@ -68,6 +70,17 @@ class NullTextSettings:
     early_stop: float | None = 1e-5
     early_stop_slope: float = 2e-5
     warm_start: bool = True
+
+    def __post_init__(self) -> None:
+        """Fail when the settings are made, naming the field, rather than mid-inversion."""
+        if self.inner_steps < 1:
+            raise DplError(f"inner_steps must be at least 1, got {self.inner_steps}")
+        if not self.lr > 0:
+            raise DplError(f"lr must be > 0, got {self.lr}")
+        if self.early_stop is not None and not self.early_stop >= 0:
+            raise DplError(f"early_stop must be >= 0 (or None), got {self.early_stop}")
+        if not self.early_stop_slope >= 0:
+            raise DplError(f"early_stop_slope must be >= 0, got {self.early_stop_slope}")
 
 
 FAST_NULL_TEXT = NullTextSettings(inner_steps=5, lr=2e-2)

@@ -46,17 +46,36 @@ def check_prompt(model: LoadedModel, prompt: str) -> list[int]:
     error)."""
     if not has_word(prompt):  # nothing to edit later: P2P edits the prompt's words
         raise DplError(f"the prompt {prompt!r} has no words; describe the image in words")
-    vocabulary = model.defaults.vocabulary
-    if vocabulary:
-        known = set(vocabulary)
-        words = [bare_word(word) for word in prompt.split()]
-        unknown = [word for word in words if word and word not in known]
-        if unknown:
-            raise DplError(
-                f"the word '{unknown[0]}' in '{prompt}' is not in this model's vocabulary; "
-                f"it knows: {', '.join(sorted(known))}"
-            )
+    check_vocabulary(model, [prompt])
     return prompt_tokens(model.tokenizer, prompt)
+
+
+FIXED_VOCABULARY_HINT = (
+    "a model with a fixed vocabulary, such as the bundled ones (64x64 coloured shapes), draws "
+    "only these; to edit other pictures, give a Stable Diffusion folder with --model FOLDER"
+)
+
+
+def check_vocabulary(model: LoadedModel, prompts: Sequence[str]) -> None:
+    """Refuse every word of `prompts` (in their order) outside the model's declared vocabulary
+    in one error, so that a user fixes both prompts of an edit in one go."""
+    known = set(model.defaults.vocabulary)
+    if not known:
+        return
+    unknown: dict[str, str] = {}  # word -> the first prompt that has it
+    for prompt in prompts:
+        for word in prompt.split():
+            bare = bare_word(word)
+            if bare and bare not in known:
+                unknown.setdefault(bare, prompt)
+    if unknown:
+        listed = ", ".join(f"'{word}' in '{prompt}'" for word, prompt in unknown.items())
+        which = "word" if len(unknown) == 1 else "words"
+        verb = "is" if len(unknown) == 1 else "are"
+        raise DplError(
+            f"the {which} {listed} {verb} not in this model's vocabulary; it knows: "
+            f"{', '.join(sorted(known))}; {FIXED_VOCABULARY_HINT}"
+        )
 
 
 TokenVectors = Mapping[tuple[int, int], torch.Tensor]
