@@ -84,7 +84,10 @@ def export(run: Path, out: Path, cfg: TrainConfig, source: Path | None = None) -
     defaults = {
         "cross_attention_res": world.SIZE // 4,
         "self_attention_res": world.SIZE // 4,
-        "blend_res": world.SIZE // 8,
+        # The local blend's mask from the finest cross-attention level (latent/1, not latent/2):
+        # a cell of the coarser one and its dilation reach the neighbouring objects of these
+        # small scenes, which edits then change (docs/research/edit-outcome.md).
+        "blend_res": world.SIZE // 4,
         "object_words": list(world.OBJECT_WORDS),
         "vocabulary": list(world.VOCABULARY),
         "training": {
