@@ -27,6 +27,7 @@ from dpl_edit.bench.world_set import (
     CATEGORY_SIZE,
     SPLIT_SEEDS,
     SPLIT_SIZE,
+    export_jobs,
     export_world,
     world_split,
 )
@@ -438,3 +439,14 @@ def test_a_run_never_writes_into_a_folder_of_the_users(world_model: LoadedModel,
     runner.run_bench(world_model, scenes, out, ["ddim"], SETTINGS, progress=False)
     assert (out / runner.MARKER_FILE).is_file()
     runner.run_bench(world_model, scenes, out, ["ddim"], SETTINGS, progress=False)  # resumes
+
+
+def test_exports_never_replace_a_users_file(tmp_path: Path):
+    (tmp_path / "jobs.jsonl").write_text("mine")
+    for export in (
+        lambda: export_jobs(tmp_path, limit=1),
+        lambda: export_world(tmp_path, "val", 1),
+    ):
+        with pytest.raises(DplError, match="not an empty folder"):
+            export()
+    assert (tmp_path / "jobs.jsonl").read_text() == "mine"

@@ -151,6 +151,14 @@ def world_split(
     return [world_scene(split, i, c) for i, c in order]
 
 
+def _new_folder(folder: str | Path) -> Path:
+    """An export goes into a new or empty folder only, so it never replaces a user's file."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise DplError(f"'{folder}' exists and is not an empty folder; export into a new one")
+    return folder
+
+
 def _save(folder: Path, relative: Path, pixels: np.ndarray) -> str:
     """Write an image (masks as 0/255) under `folder`; return its path relative to the folder."""
     if pixels.dtype == bool:
@@ -170,7 +178,7 @@ def export_world(
     Paths in the file are relative to it, as the external format requires. The JSONL file is
     written last and atomically, so it never names an image that is not there yet.
     """
-    folder = Path(folder)
+    folder = _new_folder(folder)
     lines = []
     for scene in world_split(split, limit, categories):
         sub = Path(scene.id)
@@ -205,7 +213,7 @@ def export_jobs(
     timing on it is reproducible with nothing but the package. Written last and atomically, as
     `export_world`'s file.
     """
-    folder = Path(folder)
+    folder = _new_folder(folder)
     lines = []
     for scene in world_split(split, limit):
         image = _save(folder, Path(scene.id) / "image.png", scene.source_image())
