@@ -104,8 +104,7 @@ def _add_common(
     if model:
         _add_model_options(group)
         group.add_argument("--variant", metavar="NAME",
-                           help="weight files to load, e.g. fp16 for *.fp16.safetensors "
-                           "(default: the plain ones, else the folder's only variant)")  # fmt: skip
+                           help="weights to load, e.g. fp16 (default: plain, else the only one)")  # fmt: skip
         group.add_argument("--threads", type=int, metavar="N",
                            help="CPU threads (default: the model folder's choice, else torch's)")  # fmt: skip
         group.add_argument("--seed", type=_seed, default=0,

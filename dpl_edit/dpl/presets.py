@@ -45,12 +45,11 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "model": Preset(
-        "the model folder's own (dpl in its dpl_defaults.json, else the paper's); on the bundled "
-        "models own-region DPL: each word's share of attention mass outside its own region is "
-        "the only loss, learned vectors bounded",
+        "the model folder's own (its dpl_defaults.json, else the paper's): own-region DPL on "
+        "the bundled models (one loss on each word's own region, bounded vectors)",
         dpl=None,
     ),
-    "paper": Preset("the paper's recipe (DplLossConfig's defaults)", dpl={}),
+    "paper": Preset("the paper's three losses", dpl={}),
 }
 DEFAULT_PRESET = "model"
 
