@@ -39,7 +39,6 @@ from dpl_edit.bench.outcome import (
 from dpl_edit.bench.scenes import BenchScene
 from dpl_edit.errors import DplError
 from dpl_edit.metrics import psnr
-from dpl_edit.world import checker
 
 PERCENTILE = 5.0
 """Share (in %) of reconstructions allowed below each threshold."""
@@ -53,12 +52,10 @@ def reconstruction_scores(scene: BenchScene, reconstruction: np.ndarray) -> dict
     if places is None:
         return None
     source = scene.source_image()
-    (_, old_shape), (_, new_shape) = places.source[places.edited], places.target[places.edited]
+    new_shape, rivals = places.target[places.edited][1], places.new_shape_masks
     checks = []
     for i, (colour, shape) in enumerate(places.source):
-        rival = None
-        if new_shape not in (old_shape, shape):
-            rival = checker.shape_templates(places.masks[i])[new_shape]
+        rival = None if rivals is None or shape == new_shape else rivals[i]
         checks.append(
             check_place(reconstruction, source, places, i, colour, places.masks[i], rival)
         )

@@ -133,6 +133,10 @@ class ScenePlaces:
     windows: list[np.ndarray]
     edited: int
     background: np.ndarray
+    new_shape_masks: list[np.ndarray] | None
+    """In a shape swap, the edit's new shape drawn at each object's place with its area (the
+    rival an object that took the edit by mistake would match); None for a colour swap. Drawn
+    once per scene, since every edit of the scene is judged against the same masks."""
 
     @classmethod
     def of(cls, scene: BenchScene) -> ScenePlaces | None:
@@ -171,7 +175,11 @@ class ScenePlaces:
             windows.append(area & ~others)
         background = scene.background_mask & ~scene.changed_region
         masks = [scene.masks[noun] for noun in nouns]
-        return cls(source, target, nouns, masks, expected, windows, edited, background)
+        new_shape = target[edited][1]
+        rivals = None
+        if new_shape != source[edited][1]:
+            rivals = [checker.shape_templates(mask)[new_shape] for mask in masks]
+        return cls(source, target, nouns, masks, expected, windows, edited, background, rivals)
 
 
 def background_pixels(places: ScenePlaces, thresholds: OutcomeThresholds) -> np.ndarray:
@@ -225,23 +233,21 @@ def object_checks(
     image: np.ndarray, source: np.ndarray, places: ScenePlaces
 ) -> tuple[PlaceCheck, list[PlaceCheck]]:
     """The edited object's check against the target and every other object's against itself."""
-    index = places.edited
-    (_, old_shape), (new_colour, new_shape) = places.source[index], places.target[index]
-    shape_swap = new_shape != old_shape
+    index, rivals = places.edited, places.new_shape_masks
     target = check_place(
         image,
         source,
         places,
         index,
-        new_colour,
+        places.target[index][0],
         places.expected[index],
-        places.masks[index] if shape_swap else None,
+        None if rivals is None else places.masks[index],
     )
     others = []
     for i, (colour, _) in enumerate(places.source):
         if i == index:
             continue
-        rival = checker.shape_templates(places.masks[i])[new_shape] if shape_swap else None
+        rival = None if rivals is None else rivals[i]
         others.append(check_place(image, source, places, i, colour, places.masks[i], rival))
     return target, others
 
@@ -265,12 +271,8 @@ def measure_outcome(
     if places is None:
         return None
     source = scene.source_image()
-    edited_place = places.edited
     target, others = object_checks(edited, source, places)
-    others_mask = np.zeros_like(places.background)
-    for i, noun in enumerate(places.nouns):
-        if i != edited_place:
-            others_mask |= scene.masks[noun]
+    others_mask = scene.other_objects_mask(scene.edited_object)
     off_objects = background_pixels(places, thresholds)
     background = psnr(source, edited, off_objects)
     made = target.ok(thresholds)

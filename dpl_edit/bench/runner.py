@@ -53,6 +53,7 @@ from dpl_edit.bench.outcome import (
     FAILURES,
     THRESHOLDS,
     OutcomeThresholds,
+    ScenePlaces,
     measure_outcome,
     outcome_definition,
 )
@@ -389,12 +390,22 @@ def _example_row(store: SceneStore, scene: BenchScene, methods: Sequence[str]) -
 def _preamble(
     model: LoadedModel, methods: Sequence[BenchMethod], settings: BenchSettings, scene_set: str
 ) -> list[str]:
-    lines = [
+    head = (
         f"Scenes: {scene_set}. Model: `{model.identity}` ({model.resolution}px) on"
-        f" {model.device.type} ({platform.machine()}, {torch.get_num_threads()} torch threads).",
-        f"Settings: {json.dumps(asdict(settings))}.",
+        f" {model.device.type} ({platform.machine()}, {torch.get_num_threads()} torch threads)."
+        f" Settings: {json.dumps(asdict(settings))}."
+    )
+    return _report_preamble(head, THRESHOLDS, [(m.name, m.description) for m in methods])
+
+
+def _report_preamble(
+    head: str, thresholds: OutcomeThresholds, methods: Sequence[tuple[str, str | None]]
+) -> list[str]:
+    """A report's opening: what ran, how the outcome and the metrics are defined, the rows."""
+    lines = [
+        head,
         "",
-        outcome_definition(THRESHOLDS),
+        outcome_definition(thresholds),
         "",
         f"Metrics (`dpl_edit.metrics`): {'; '.join(DEFINITIONS)}.",
         "",
@@ -402,7 +413,7 @@ def _preamble(
         " shared ones unless its description says otherwise):",
         "",
     ]
-    return lines + [f"- `{m.name}`: {m.description}" for m in methods]
+    return lines + [f"- `{n}`: {d}" if d else f"- `{n}`" for n, d in methods]
 
 
 def _commit() -> str:
@@ -548,24 +559,26 @@ GALLERY_METHODS = ("nti", "dpl")
 def failure_rows(
     store: SceneStore,
     scenes: Sequence[BenchScene],
+    per_scene: Sequence[dict[str, Any]],
     resolution: int,
     per_class: int = 2,
 ) -> list[ExampleRow]:
     """Typical failures of each class: for NTI and then DPL, the first `per_class` scenes that
-    method failed in that way, each shown with both methods' edits and edited-noun maps (so
-    one sees what the other method did on the same scene)."""
+    method failed in that way (`per_scene`: the scenes' results, in `scenes`' order), each shown
+    with both methods' edits and edited-noun maps (so one sees what the other method did on the
+    same scene)."""
     rows = []
     for failing in GALLERY_METHODS:
         for name in FAILURES:
-            found = 0
-            for scene in scenes:
-                result = store.load(scene.id)["methods"][failing].get("outcome")
-                if found == per_class or not result or not result["failure"][name]:
-                    continue
+            failed = [
+                scene
+                for scene, record in zip(scenes, per_scene, strict=True)
+                if (record["methods"][failing].get("outcome") or {}).get("failure", {}).get(name)
+            ]
+            for scene in failed[:per_class]:
                 row = _example_row(store, prepare_scene(scene, resolution), GALLERY_METHODS)
                 label = f"{failing}: {name.replace('_', ' ')}\n{scene.id}"
                 rows.append(replace(row, scene_id=label))
-                found += 1
     return rows
 
 
@@ -603,11 +616,12 @@ def report_from_store(
     """Rebuild the report of an output folder from its per-scene files; return the aggregate."""
     per_scene = []
     for scene in scenes:
-        methods_run = {n: store.load(scene.id)["methods"][n] for n in names}
+        methods = store.load(scene.id)["methods"]
+        methods_run = {n: methods[n] for n in names}
         per_scene.append({"id": scene.id, "category": scene.category, "methods": methods_run})
     gallery = []
     if all(m in names for m in GALLERY_METHODS):
-        gallery = failure_rows(store, scenes, resolution)
+        gallery = failure_rows(store, scenes, per_scene, resolution)
     return write_report(
         store.root.parent,
         per_scene,
@@ -637,24 +651,17 @@ def rescore(
     names = [n for n in first["methods"] if all(n in r["methods"] for r in records)]
     if not names:
         raise DplError(f"no method has results for all {len(scenes)} scenes in '{out_dir}'")
-    resolution = 0
+    # Every row's edits of a run have the model's size: the first one gives it.
+    resolution = store.edit_image(scenes[0].id, names[0]).shape[0]
     for scene, record in zip(tqdm(scenes, desc="rescore", unit="scene"), records, strict=True):
+        prepared = prepare_scene(scene, resolution)
+        places = ScenePlaces.of(prepared)
         for name in names:
             edited = store.edit_image(scene.id, name)
-            resolution = edited.shape[0]
-            prepared = prepare_scene(scene, resolution)
-            record["methods"][name]["outcome"] = measure_outcome(prepared, edited, thresholds)
+            outcome = measure_outcome(prepared, edited, thresholds, places)
+            record["methods"][name]["outcome"] = outcome
         write_json(store._json(scene.id), record)
-    preamble = [
-        f"Scenes: {len(scenes)}. Settings: {json.dumps(first['settings'])}.",
-        "",
-        outcome_definition(thresholds),
-        "",
-        f"Metrics (`dpl_edit.metrics`): {'; '.join(DEFINITIONS)}.",
-        "",
-        "Methods (all edited with Prompt-to-Prompt, same seed; each row's edit settings are the"
-        " shared ones unless its description says otherwise):",
-        "",
-        *[f"- `{n}`: {METHODS[n].description}" if n in METHODS else f"- `{n}`" for n in names],
-    ]
+    head = f"Scenes: {len(scenes)}. Settings: {json.dumps(first['settings'])}."
+    rows = [(n, METHODS[n].description if n in METHODS else None) for n in names]
+    preamble = _report_preamble(head, thresholds, rows)
     return report_from_store(store, scenes, names, preamble, resolution, examples)
