@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpl_edit.engine.edit import cross_replace_alpha, edit
+from dpl_edit.engine.attention import attention_levels
+from dpl_edit.engine.edit import cross_replace_alpha, edit, plan_edit
 from dpl_edit.engine.inversion import invert, reconstruct
 from dpl_edit.engine.text import DynamicTokens
 from dpl_edit.errors import DplError
@@ -185,3 +186,23 @@ def test_an_edit_retraces_the_stored_source_path_with_a_smaller_batch(
     rows.clear()
     edit(tiny_model, inversion, "a cat and a lion", guidance=3.0, progress=False)
     assert set(rows) == {4}
+
+
+def test_blend_res_picks_the_level_the_mask_is_cut_from(tiny_model, inversion):
+    levels = attention_levels(tiny_model.unet, cross=True)
+    default = plan_edit(tiny_model, PROMPT, "a cat and a lion", 6, blend=["dog", "lion"])
+    assert default.local_blend.res == tiny_model.defaults.blend_res
+    for res in levels:
+        plan = plan_edit(tiny_model, PROMPT, "a cat and a lion", 6, blend=["dog"], blend_res=res)
+        assert plan.local_blend.res == res
+    finest = edit(
+        tiny_model,
+        inversion,
+        "a cat and a lion",
+        blend=["dog"],
+        blend_res=levels[-1],
+        progress=False,
+    )
+    assert finest.blend_mask.shape[-1] == tiny_model.latent_size
+    with pytest.raises(DplError, match="blend resolution 3"):
+        edit(tiny_model, inversion, "a cat and a lion", blend=["dog"], blend_res=3, progress=False)

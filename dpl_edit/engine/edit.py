@@ -25,7 +25,7 @@ from dpl_edit.engine.artifact import Inversion
 from dpl_edit.engine.attention import (
     AttentionController,
     CrossAttentionStore,
-    attention_layers,
+    attention_levels,
     controlled_attention,
 )
 from dpl_edit.engine.ddim import Ddim, denoise_beside_source, denoise_step
@@ -200,11 +200,15 @@ def plan_edit(
         "self_max_res": self_replace_max_res or model.latent_size // 2,
     }
     controller = _build_controller(model, source, target, mode, reweight or {}, windows)
-    blend_res = blend_res or model.defaults.blend_res
-    levels = sorted({a.res for a in attention_layers(model.unet).values() if a.is_cross})
-    if blend_res not in levels:
-        have = ", ".join(f"{r}x{r}" for r in levels)
-        raise DplError(f"blend resolution {blend_res}: this model has cross-attention at {have}")
+    if blend_res is None:
+        blend_res = model.defaults.blend_res  # checked against the UNet when the model loaded
+    else:
+        levels = attention_levels(model.unet, cross=True)
+        if blend_res not in levels:
+            have = ", ".join(f"{r}x{r}" for r in levels)
+            raise DplError(
+                f"blend resolution {blend_res}: this model has cross-attention at {have}"
+            )
     resolutions = [model.defaults.cross_attention_res, blend_res]
     store = CrossAttentionStore(resolutions, rows="conditional")
     local_blend = None
