@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpl_edit.bench.report import ExampleRow, aggregate, plot_example_grid, write_report
+from dpl_edit.bench.report import (
+    LEAKAGE_GROUP,
+    ExampleRow,
+    aggregate,
+    plot_example_grid,
+    write_report,
+)
 from dpl_edit.metrics import bootstrap_ci
 
 THRESHOLDS = [0.0, 0.5, 1.0]
@@ -155,6 +161,23 @@ def test_report_adds_a_section_per_category(tmp_path: Path):
     report = (tmp_path / "report.md").read_text()
     assert "### close (2 scenes)" in report and "### far (1 scenes)" in report
     assert "categories" not in write_report(tmp_path / "one", PER_SCENE, THRESHOLDS, "nti")
+
+
+def test_report_pools_the_leakage_prone_categories(tmp_path: Path):
+    per_scene = [
+        {**s, "category": c}
+        for s, c in zip(PER_SCENE, ["close", "same-colour", "two-objects"], strict=True)
+    ]
+    agg = write_report(tmp_path, per_scene, THRESHOLDS, baseline="nti")
+    pooled = agg["categories"][LEAKAGE_GROUP]
+    assert pooled["n_scenes"] == 2  # the close and same-colour scenes, not the two-object one
+    diff = pooled["methods"]["dpl"]["difference"]["leakage.outside"]["mean"]
+    assert diff == pytest.approx(((0.15 - 0.4) + (0.0 - 0.2)) / 2)
+    report = (tmp_path / "report.md").read_text()
+    assert f"### {LEAKAGE_GROUP} (2 scenes)" in report
+    # One close scene alone is its own category, not a pool.
+    alone = [{**PER_SCENE[0], "category": "close"}, {**PER_SCENE[1], "category": "two-objects"}]
+    assert LEAKAGE_GROUP not in write_report(tmp_path / "one", alone, THRESHOLDS)["categories"]
 
 
 def test_example_grid_needs_the_same_columns_in_every_row(tmp_path: Path):

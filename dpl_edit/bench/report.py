@@ -60,6 +60,7 @@ from dpl_edit.metrics import (
     bootstrap_ci,
     normalised_map,
 )
+from dpl_edit.world import synthetic as world
 
 GROUP_TITLES = {
     "outcome": "Edit outcome (the primary result; no method optimises it)",
@@ -424,14 +425,16 @@ def outcome_counts(per_scene: Sequence[Mapping], baseline: str | None) -> dict[s
     return out
 
 
-def outcome_tables(agg: Mapping) -> list[str]:
+def outcome_tables(agg: Mapping, level: int = 2) -> list[str]:
     """Markdown: selective success per method (with the paired difference, the discordant
-    pairs and the sign test against the baseline) and the failure classes."""
+    pairs and the sign test against the baseline) and the failure classes, under a heading of
+    `level` (deeper inside a per-category section)."""
     counts = agg.get("outcome_counts")
     if not counts or not any(c["n"] for c in counts.values()):
         return []
     baseline = agg["baseline"]
-    lines = ["", "## Selective success: target made, other objects kept, background kept", ""]
+    title = "Selective success: target made, other objects kept, background kept"
+    lines = ["", f"{'#' * level} {title}", ""]
     head = "| method | successes | rate [95% CI] |"
     rule = "|---|---|---|"
     if baseline is not None:
@@ -460,20 +463,37 @@ def outcome_tables(agg: Mapping) -> list[str]:
     return lines
 
 
+LEAKAGE_GROUP = "leakage-prone (" + ", ".join(world.LEAKAGE_CATEGORIES) + ")"
+"""The pooled section of the categories where leaky maps should make edits fail."""
+
+
+def _group_aggregate(
+    scenes: Sequence[Mapping], thresholds: Sequence[float], baseline: str | None
+) -> dict:
+    """`aggregate` with the outcome counts, against `baseline` where every scene ran it."""
+    ran = {m for s in scenes for m in s["methods"]}
+    chosen = baseline if baseline in ran else None
+    out = aggregate(scenes, thresholds, chosen)
+    out["outcome_counts"] = outcome_counts(scenes, chosen)
+    return out
+
+
 def category_aggregates(
     per_scene: Sequence[Mapping], thresholds: Sequence[float], baseline: str | None
 ) -> dict[str, dict]:
-    """`aggregate` of each scene category, when the scenes come in more than one."""
+    """`aggregate` of each scene category, when the scenes come in more than one, and of the
+    leakage-prone categories pooled (`LEAKAGE_GROUP`), when more than one of them is there."""
     categories = list(dict.fromkeys(str(s.get("category", "")) for s in per_scene))
     if len(categories) < 2:
         return {}
     out = {}
     for category in categories:
         scenes = [s for s in per_scene if s.get("category", "") == category]
-        ran = {m for s in scenes for m in s["methods"]}
-        chosen = baseline if baseline in ran else None
-        out[category] = aggregate(scenes, thresholds, chosen)
-        out[category]["outcome_counts"] = outcome_counts(scenes, chosen)
+        out[category] = _group_aggregate(scenes, thresholds, baseline)
+    prone = [c for c in categories if c in world.LEAKAGE_CATEGORIES]
+    if len(prone) > 1:
+        scenes = [s for s in per_scene if s.get("category", "") in prone]
+        out[LEAKAGE_GROUP] = _group_aggregate(scenes, thresholds, baseline)
     return out
 
 
@@ -483,7 +503,7 @@ def category_report(by_category: Mapping[str, Mapping]) -> str:
     for category, agg in by_category.items():
         methods = list(agg["methods"])
         lines += ["", f"### {category or 'uncategorised'} ({agg['n_scenes']} scenes)"]
-        lines += outcome_tables(agg)
+        lines += outcome_tables(agg, level=4)
         lines += [""]
         lines += _table(agg, "metrics", methods, CATEGORY_METRICS, str)
         others = [m for m in methods if m != agg["baseline"]]

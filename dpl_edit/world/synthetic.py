@@ -140,6 +140,9 @@ colour, objects nearly touching (1-3 px between their bounding discs), colours t
 neighbours (red/orange, blue/purple), one colour *and* nearly touching, and three smaller
 objects of distinct colours in a row, each nearly touching the next. The first four have two
 objects."""
+LEAKAGE_CATEGORIES = ("same-colour", "close", "same-colour-close", "row-of-three")
+"""The categories where leaky maps should make edits fail (objects of one colour, objects close
+together, three in a row): where DPL claims the most, pooled in benchmark reports."""
 _SIMILAR_COLOURS = (("red", "orange"), ("blue", "purple"))
 _CLOSE_GAP = (1.0, 3.0)
 
